@@ -105,6 +105,8 @@ class NsdTree:
 
     def sessions(self, subject: int, fmt: str = "hdf5", **kw) -> list[int]:
         """1-based session numbers whose beta file exists, ascending."""
+        if fmt not in _BETA_SUFFIX:
+            raise ValueError(f"betas format must be one of {BETA_FORMATS}, got {fmt!r}")
         suffix = _BETA_SUFFIX[fmt]
         folder = self.betas_dir(subject, **kw)
         found = []

@@ -54,6 +54,7 @@ class BetaSession:
         else:
             self._open_nifti()
         if expect_grid is not None and tuple(expect_grid) != self.grid:
+            self.close()
             raise BadInputError(
                 self.path, f"betas grid (X, Y, Z) must be {tuple(expect_grid)} like the ROI volumes; found {self.grid}"
             )

@@ -180,7 +180,7 @@ class StimInfo:
 
 def _parse_crop_box(text: str) -> tuple[float, float, float, float]:
     values = ast.literal_eval(text.strip())  # "(0, 0, 0.1671875, 0.1671875)"; literal_eval evaluates no code
-    if len(values) != 4:
+    if not isinstance(values, tuple | list) or len(values) != 4:
         raise ValueError(f"cropBox must have 4 values, got {text!r}")
     return tuple(float(v) for v in values)
 

@@ -50,7 +50,10 @@ class NsdStimuli:
         unique, inverse = np.unique(nsd_ids, return_inverse=True)
         if unique.size and (unique[0] < 0 or unique[-1] >= len(self)):
             raise IndexError(f"nsdIds must be in 0..{len(self) - 1} for {self.path}")
-        return self._dset[unique][inverse] if unique.size else np.empty((0, *self.image_size, 3), np.uint8)
+        out = np.empty((unique.size, *self.image_size, 3), np.uint8)
+        for row, nsd_id in enumerate(unique):  # one chunk per image; h5py's fancy indexing is ~30x slower
+            out[row] = self._dset[nsd_id]
+        return out[inverse]
 
     def close(self) -> None:
         if getattr(self, "_h5", None) is not None:
