@@ -1,0 +1,50 @@
+"""Every `python <script>.py --flags` line of scripts/**/*.sh parses with that script's own parser."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHELL_SCRIPTS = sorted((REPO / "scripts").rglob("*.sh"))
+
+
+def _commands(script: Path) -> list[tuple[str, list[str]]]:
+    text = script.read_text().replace("\\\n", " ")  # join continuation lines
+    text = re.sub(r"\$\{?\w+\}?", "1", text)  # shell variables -> a value every flag type accepts
+    found = []
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        if len(words) >= 2 and words[0] in ("python", "python3") and words[1].endswith(".py"):
+            found.append((words[1], words[2:]))
+    return found
+
+
+def _load_parser(relative: str):
+    path = REPO / relative
+    assert path.is_file(), f"recipe calls {relative}, which does not exist"
+    spec = importlib.util.spec_from_file_location(f"recipe_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+def test_scripts_exist():
+    assert REPO / "scripts" / "demo.sh" in SHELL_SCRIPTS
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_recipe_flags_parse(script):
+    commands = _commands(script)
+    assert commands, f"{script} runs no python stage"
+    for target, flags in commands:
+        _load_parser(target).parse_args(flags)  # SystemExit(2) on an unknown or malformed flag
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_recipe_is_strict_bash(script):
+    assert "set -euo pipefail" in script.read_text()
