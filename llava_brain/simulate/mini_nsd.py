@@ -250,7 +250,7 @@ def _write_stimuli(tree: NsdTree, stimuli: np.ndarray) -> None:
 
     tree.stimuli.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(tree.stimuli, "w") as f:
-        # Rendered scenes compress ~20x; real NSD's brick is ~40 GB of photographs.
+        # Rendered scenes compress ~90x (704 MB -> 7.5 MB); real NSD's brick is ~40 GB of photographs.
         f.create_dataset("imgBrick", data=stimuli, chunks=(1, *stimuli.shape[1:]), compression="gzip",
                          compression_opts=1)  # fmt: skip
 
