@@ -4,7 +4,7 @@ The tree it writes (betas HDF5/NIfTI, ROI volumes, nsd_expdesign.mat, nsd_stim_i
 nsd_stimuli.hdf5, COCO annotations) is consumed unchanged by every stage that reads real NSD.
 What it simulates and how its files map to real NSD: docs/mini_nsd.md.
 
-  python prepare_datasets/make_mini_nsd.py --out data/mini_nsd                      # default: 4 subjects, ~20 s
+  python prepare_datasets/make_mini_nsd.py --out data/mini_nsd                      # default: 4 subjects, ~16 s
   python prepare_datasets/make_mini_nsd.py --out /tmp/tiny --subjects 1 --sessions 2  # smoke
 """
 

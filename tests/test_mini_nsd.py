@@ -70,7 +70,7 @@ def test_subjects_have_different_scaled_nsd_grids(default_tree):
     for subject in (1, 2, 5, 7):
         with BetaSession(tree.betas(subject, 1)) as f:
             grids[subject] = f.grid
-            assert f.num_trials == 120
+            assert f.num_trials == 125
         assert all(20 <= n <= 40 for n in f.grid)
         # Same grid as the subject's ROI volumes and an affine with the simulated voxel size.
         roi = read_roi(tree.roi(subject, "nsdgeneral"), expect_grid=f.grid)
@@ -122,19 +122,19 @@ def test_design_split_repeats_and_stim_info_agree(default_tree):
     assert design.shared.size == 100
     assert np.array_equal(np.flatnonzero(info.shared1000), design.shared)
     for subject in (1, 7):
-        ids = design.trial_images(subject, 1200)
+        ids = design.trial_images(subject, 1500)
         test = design.is_shared(ids)
         # The split from sharedix equals the split "list index <= num_shared" (Brain-Diffuser's rule).
-        assert np.array_equal(test, design.masterordering[:1200] < 100)
+        assert np.array_equal(test, design.masterordering[:1500] < 100)
         assert np.unique(ids[test]).size == 100 and test.sum() == 300
         assert repeat_index(ids).max() == 2
         # Every trial appears in the CSV's 1-based rep columns (read back 0-based) for its image.
         trials = info.trials[subject]
-        for trial in range(0, 1200, 37):
+        for trial in range(0, 1500, 37):
             assert trial in trials[ids[trial]]
         assert np.all((trials >= 0).sum(1)[np.unique(ids)] == 3)
     # Non-shared images belong to exactly one subject, like NSD's 9000 per-subject images.
-    other = set(design.trial_images(1, 1200)) & set(design.trial_images(2, 1200))
+    other = set(design.trial_images(1, 1500)) & set(design.trial_images(2, 1500))
     assert other == set(design.shared.tolist())
     raw = loadmat(tree.expdesign)
     assert raw["masterordering"].min() == 1 and raw["sharedix"].min() >= 1  # 1-based on disk
@@ -161,7 +161,7 @@ def test_stimuli_captions_and_boxes_match(default_tree):
     }
     checked = matched = 0
     with NsdStimuli(tree.stimuli) as stimuli:
-        assert len(stimuli) == len(info) == 1300 and stimuli.image_size == (425, 425)
+        assert len(stimuli) == len(info) == 1700 and stimuli.image_size == (425, 425)
         for nsd_id in range(0, 1300, 7):
             split, coco_id = str(info.coco_split[nsd_id]), int(info.coco_id[nsd_id])
             assert len(coco[("captions", split)].annotations(coco_id)) == 5
@@ -189,9 +189,9 @@ def test_decodable_but_not_trivial(default_tree):
     tree, _ = default_tree
     check = ridge_retrieval_check(tree, 1)
     assert check.num_test_images == 100
-    assert 0.10 <= check.top1_averaged <= 0.60, check
+    assert 0.20 <= check.top1_averaged <= 0.60, check  # the band the simulator is calibrated to
     assert check.top1_averaged >= 10 * check.chance
-    assert 0.1 <= check.median_voxel_snr <= 0.35, check  # NSD-like noise-ceiling SNR of visual voxels
+    assert 0.1 <= check.median_voxel_snr <= 0.32, check  # NSD-like noise-ceiling SNR of visual voxels
 
 
 def test_ncsnr_file_matches_betas(default_tree):

@@ -33,7 +33,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--subjects", type=int, nargs="*", default=None, help="subjects to describe (default: all with betas)"
     )
     p.add_argument("--ridge-check", action="store_true", help="also run the ridge retrieval check (reads all betas)")
-    p.add_argument("--alpha", type=float, default=1000.0, help="ridge penalty of --ridge-check")
+    p.add_argument("--alpha", type=float, default=300.0, help="ridge penalty of --ridge-check")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON to this file")
     return p
 

@@ -156,8 +156,10 @@ def image_responses(model: ResponseModel, thumbs: np.ndarray, semantic: np.ndarr
     # Visual cortex responds to local contrast, not to the absolute light level: remove each
     # image's mean colour before the receptive fields pool it.
     pixels = pixels - pixels.mean(axis=1, keepdims=True)
-    tuned = np.einsum("npc,vc->nvp", pixels, model.colour, optimize=True)  # colour-tuned contrast per RF cell
-    low = _standardise(np.einsum("nvp,vp->nv", tuned, model.rf, optimize=True))
+    # low[n, v] = sum_p rf[v, p] * sum_c colour[v, c] * pixels[n, p, c], one colour channel at a time so
+    # memory stays (images, V) instead of (images, V, cells).
+    low = sum((pixels[:, :, c] @ model.rf.T) * model.colour[:, c] for c in range(pixels.shape[2]))
+    low = _standardise(low)
     high = _standardise(_standardise(semantic) @ model.semantic.T)
     w = model.low_weight
     return _standardise(np.sqrt(w) * low + np.sqrt(1 - w) * high).astype(np.float32)
@@ -168,7 +170,7 @@ def trial_betas(
     model: ResponseModel,
     signal: np.ndarray,
     session_offset: np.ndarray,
-    smooth_share: float = 0.15,
+    smooth_share: float = 0.05,
 ) -> np.ndarray:
     """(trials, V) percent signal change for trials whose unit signal rows are `signal` (trials, V)."""
     n, v = signal.shape

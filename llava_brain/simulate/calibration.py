@@ -2,7 +2,7 @@
 
 Reads one subject's `nsdgeneral` voxels through the NSD readers (so it works on real NSD and on
 mini-NSD alike), z-scores them with training statistics, fits ridge regression from single
-training trials to a pixel embedding of the image (an 8×8 RGB thumbnail, standardised), and
+training trials to a pixel embedding of the image (an 8×8 RGB thumbnail minus its mean colour, standardised), and
 retrieves each test image among all test images from its repeat-averaged betas (top-1, by
 Pearson correlation). Used by the tests to hold mini-NSD in its difficulty band and by
 `tools/describe_nsd.py --ridge-check` to report the figures in `docs/mini_nsd.md`.
@@ -50,7 +50,7 @@ def empirical_ncsnr(betas: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     return np.sqrt(signal_var / noise_var)
 
 
-def ridge_retrieval_check(tree: NsdTree, subject: int, alpha: float = 1000.0, thumb: int = 8) -> RetrievalCheck:
+def ridge_retrieval_check(tree: NsdTree, subject: int, alpha: float = 300.0, thumb: int = 8) -> RetrievalCheck:
     design = ExpDesign.load(tree.expdesign)
     mask = read_roi(tree.roi(subject, "nsdgeneral")).data > 0
     sessions = tree.sessions(subject, "hdf5")
@@ -66,7 +66,10 @@ def ridge_retrieval_check(tree: NsdTree, subject: int, alpha: float = 1000.0, th
 
     with NsdStimuli(tree.stimuli) as stim:
         unique_ids = np.unique(nsd_ids)
-        embed = thumbnails(stim.read(unique_ids), thumb).reshape(len(unique_ids), -1)
+        embed = thumbnails(stim.read(unique_ids), thumb).reshape(len(unique_ids), -1, 3)
+    # Colour contrast: remove each image's mean colour. Visual cortex (real, and simulated) codes
+    # local contrast far more than the overall light level, which is mostly background.
+    embed = (embed - embed.mean(axis=1, keepdims=True)).reshape(len(unique_ids), -1)
     embed = (embed - embed.mean(0)) / (embed.std(0) + 1e-6)
     row_of = {int(n): i for i, n in enumerate(unique_ids)}
     y = embed[[row_of[int(n)] for n in nsd_ids]]

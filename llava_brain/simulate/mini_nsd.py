@@ -36,11 +36,11 @@ class MiniNsdConfig:
     sessions: int | None = None  # sessions each subject completed; None = the whole design
     seed: int = 0
     num_shared: int = 100  # shared (test) images seen by every subject; NSD: 1000
-    images_per_subject: int = 400  # each subject's image list incl. the shared ones; NSD: 10000
-    trials_per_session: int = 120  # NSD: 750
+    images_per_subject: int = 500  # each subject's image list incl. the shared ones; NSD: 10000
+    trials_per_session: int = 125  # NSD: 750; 3 x 500 / 125 = 12 sessions
     grid_scale: float = 0.33  # mini grid = round(NSD func1pt8mm grid x scale); ~25 voxels a side
     nifti_subjects: tuple[int, ...] = (1,)  # subjects that also get betas_sessionNN.nii.gz
-    snr_range: tuple[float, float] = (0.15, 0.4)  # noise-ceiling SNR of visual voxels (median ~0.27)
+    snr_range: tuple[float, float] = (0.2, 0.4)  # noise-ceiling SNR of visual voxels (measured median ~0.28)
     val_fraction: float = 0.15  # share of non-shared images that come from COCO val2017
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -250,7 +250,7 @@ def _write_stimuli(tree: NsdTree, stimuli: np.ndarray) -> None:
 
     tree.stimuli.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(tree.stimuli, "w") as f:
-        # Rendered scenes compress ~90x (704 MB -> 7.5 MB); real NSD's brick is ~40 GB of photographs.
+        # Rendered scenes compress ~90x (921 MB -> 9.9 MB); real NSD's brick is ~40 GB of photographs.
         f.create_dataset("imgBrick", data=stimuli, chunks=(1, *stimuli.shape[1:]), compression="gzip",
                          compression_opts=1)  # fmt: skip
 
