@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -30,15 +29,7 @@ from llava_brain.simulate import MiniNsdConfig, mini_nsd, write_mini_nsd
 from llava_brain.simulate.calibration import ridge_retrieval_check
 from llava_brain.simulate.scenes import COLOURS, SHAPES
 
-REPO = Path(__file__).resolve().parent.parent
-SMALL = dict(subjects=(1, 5), num_shared=12, images_per_subject=40, trials_per_session=30, grid_scale=0.2)
-
-
-def _load_script(relative: str):
-    spec = importlib.util.spec_from_file_location(Path(relative).stem, REPO / relative)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import REPO, SMALL, load_script
 
 
 @pytest.fixture(scope="session")
@@ -48,13 +39,6 @@ def default_tree(tmp_path_factory) -> tuple[NsdTree, float]:
     start = time.perf_counter()
     write_mini_nsd(out, MiniNsdConfig(), progress=False)
     return NsdTree(out), time.perf_counter() - start
-
-
-@pytest.fixture(scope="session")
-def small_tree(tmp_path_factory) -> NsdTree:
-    out = tmp_path_factory.mktemp("small") / "nsd"
-    write_mini_nsd(out, MiniNsdConfig(**SMALL, sessions=3), progress=False)
-    return NsdTree(out)
 
 
 def test_default_size_time_and_disk(default_tree):
@@ -242,7 +226,7 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_cli_reruns_skip_and_conflicts_exit_2(tmp_path, capsys):
-    script = _load_script("prepare_datasets/make_mini_nsd.py")
+    script = load_script("prepare_datasets/make_mini_nsd.py")
     flags = ["--out", str(tmp_path / "nsd"), "--subjects", "1", "--num-shared", "12", "--images-per-subject", "40",
              "--trials-per-session", "30", "--grid-scale", "0.2", "--quiet"]  # fmt: skip
     assert script.main(flags) == 0
@@ -298,7 +282,7 @@ def test_describe_reports_bad_files_in_one_line(small_tree, tmp_path, breakage):
 
 
 def test_describe_summary(small_tree, capsys):
-    script = _load_script("tools/describe_nsd.py")
+    script = load_script("tools/describe_nsd.py")
     assert script.main(["--nsd-root", str(small_tree.root)]) == 0
     out = capsys.readouterr().out
     assert "subj01" in out and "subj05" in out and "12 shared (test) images" in out
