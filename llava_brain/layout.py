@@ -156,9 +156,19 @@ class DatasetRoot:
         _check_split(split)
         return self.fmri_dir(subject) / "whole" / f"nsd_betas_{split}.npy"
 
+    def whole_stats(self, subject: int, stat: str) -> Path:
+        """(X, Y, Z) float32 training statistic of the whole-brain volumes; stat 'mean' or 'std'."""
+        if stat not in ("mean", "std"):
+            raise ValueError(f"stat must be 'mean' or 'std', got {stat!r}")
+        return self.fmri_dir(subject) / "whole" / f"nsd_betas_{stat}.npy"
+
     def whole_meta(self, subject: int) -> Path:
-        """Grid, affine and masks of the whole-brain volumes."""
+        """Grid, affine, sample counts and normalisation of the whole-brain volumes (JSON)."""
         return self.fmri_dir(subject) / "whole" / "meta.json"
+
+    def whole_masks(self, subject: int) -> Path:
+        """Boolean (X, Y, Z) masks (`brain`, `union` of the areas, one per area) in the subject's grid (npz)."""
+        return self.fmri_dir(subject) / "whole" / "masks.npz"
 
     def fmri2image(self, subject: int) -> Path:
         """{"train": [nsdId per sample], "val": [...], ...}: the image of every sample, in sample order."""

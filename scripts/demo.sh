@@ -5,6 +5,7 @@ set -euo pipefail
 
 DEMO_DIR=${DEMO_DIR:-demo_out}
 NSD_ROOT=$DEMO_DIR/mini_nsd
+DATASET_ROOT=$DEMO_DIR/root
 SEED=0
 
 echo "== 1. mini-NSD: a raw NSD tree (betas, ROIs, design, stimuli, COCO annotations)"
@@ -19,3 +20,31 @@ python tools/describe_nsd.py \
   --nsd-root "$NSD_ROOT" \
   --ridge-check \
   --json "$DEMO_DIR/mini_nsd_summary.json"
+
+echo "== 3. raw betas -> z-scored fMRI arrays (whole brain + nsdgeneral/streams areas) per subject"
+python prepare_datasets/make_subjmri.py \
+  --nsd-root "$NSD_ROOT" \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all \
+  --sessions all \
+  --areas nsdgeneral streams \
+  --quiet
+
+echo "== 4. stimuli -> lossless PNGs of the images the subjects saw"
+python prepare_datasets/make_images.py \
+  --nsd-root "$NSD_ROOT" \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all \
+  --workers 2 \
+  --quiet
+
+echo "== 5. COCO captions and boxes, keyed by NSD image, boxes mapped into the 425x425 crops"
+python prepare_datasets/make_coco_annotations.py \
+  --nsd-root "$NSD_ROOT" \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all
+
+echo "== 6. what the prepared dataset root holds"
+python tools/describe_root.py \
+  --dataset-root "$DATASET_ROOT" \
+  --json "$DEMO_DIR/root_summary.json"
