@@ -8,7 +8,8 @@ Betas are divided by 300 and z-scored per voxel with training statistics; trials
 images (`sharedix`) form the test split. Formats, choices and disk/time figures: docs/prepare.md.
 
 Memory: two sessions of int16 betas (the one being written and the one read ahead; NSD: 2 x 1.05
-GB) plus ~0.2 GB of blocks, whatever the number of sessions; outputs go to disk block by block.
+GB) plus ~0.3 GB of blocks, whatever the number of sessions (measured peak RSS 3.0 GB at NSD's grid,
+benchmarks/bench_make_subjmri.py); outputs go to disk block by block.
 
 Full scale (real NSD, 4 subjects x 40 sessions):
   python prepare_datasets/make_subjmri.py --nsd-root /data/nsd --dataset-root /data/brain \\
