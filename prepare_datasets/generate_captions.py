@@ -1,0 +1,178 @@
+"""BLIP-2 captions of the NSD images -> <root>/nsd/nsd_captions.json (N sampled captions per image).
+
+The paper captions every image with BLIP-2 (8 captions per image) to enrich the instruction data
+beside the 5 human COCO captions. Output format: llava_brain/annotations.py (keys = nsdId).
+Sampling is seeded per fixed batch, so a resumed or multi-process run writes the same captions.
+Batched, resumable (kill and rerun continues; output identical), shardable with `accelerate launch`
+(llava_brain/image_stage.py).
+
+Full scale (GPUs):
+  accelerate launch --multi_gpu --num_processes 4 prepare_datasets/generate_captions.py \\
+      --dataset-root /data/brain --model Salesforce/blip2-opt-2.7b --num-captions 8 --dtype fp16 --batch-size 32
+Tiny (mini-NSD, CPU):
+  python prepare_datasets/generate_captions.py --dataset-root demo_out/root \\
+      --model demo_out/tiny_models/blip2 --num-captions 2 --max-new-tokens 8 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from llava_brain.annotations import read_captions, write_captions
+from llava_brain.errors import BadInputError, exits_on_bad_input
+from llava_brain.image_stage import (
+    DTYPES,
+    RecordParts,
+    batch_seed,
+    check_model_folder,
+    make_accelerator,
+    parts_folder,
+    plan_batches,
+    remove_parts,
+    require_images,
+    run_batches,
+    select_images,
+    settings_match,
+)
+from llava_brain.io import run_manifest
+from llava_brain.layout import DatasetRoot
+
+log = logging.getLogger("generate_captions")
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--dataset-root", type=Path, required=True, help="prepared dataset root (holds nsd/images/)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--subject",
+        nargs="+",
+        default=["all"],
+        help="caption the images of these prepared subjects, or 'all' (default)",
+    )
+    which.add_argument("--all-images", action="store_true", help="caption every PNG in <root>/nsd/images/")
+    p.add_argument(
+        "--model", default="Salesforce/blip2-opt-2.7b", help="Blip2ForConditionalGeneration folder or hub id"
+    )
+    p.add_argument("--num-captions", type=int, default=8, help="captions sampled per image (paper: 8)")
+    p.add_argument("--prompt", default="", help="text prompt BLIP-2 continues (default: none, plain captioning)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption, in tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; each fixed batch derives its own from it")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (also the unit of resuming)")
+    p.add_argument("--num-workers", type=int, default=2, help="background processes decoding PNGs (0 = inline)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (fp16/bf16 on GPU)")
+    p.add_argument("--overwrite", action="store_true", help="recompute even if nsd_captions.json exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class Preprocess:
+    """Runs in the loader workers: BLIP-2 pixel values (and the tokenised prompt)."""
+
+    def __init__(self, processor, prompt: str):
+        self.processor, self.prompt = processor, prompt
+
+    def __call__(self, images):
+        text = [self.prompt] * len(images) if self.prompt else None
+        return dict(self.processor(images=images, text=text, return_tensors="pt"))
+
+
+def _settings(args) -> dict:
+    keys = ("model", "num_captions", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "dtype")
+    return {k: str(getattr(args, k)) if k == "model" else getattr(args, k) for k in keys}
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.num_captions < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        build_parser().error("--num-captions, --batch-size and --max-new-tokens must be >= 1")
+    layout = DatasetRoot(args.dataset_root)
+    output = layout.captions
+    nsd_ids = select_images(layout, None if args.all_images else args.subject, args.all_images)
+    settings = _settings(args)
+    same = settings_match(output, settings)
+    if same is not None and not args.overwrite:
+        if not same or sorted(read_captions(output)) != nsd_ids:
+            raise BadInputError(output, "was written with other settings or images; pass --overwrite to recompute")
+        log.info("captions of %d images already complete in %s; nothing to do", len(nsd_ids), output)
+        return 0
+    paths = require_images(layout, nsd_ids)
+
+    check_model_folder(args.model, ("blip-2",), "a BLIP-2 model (Blip2ForConditionalGeneration)")
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    accelerator = make_accelerator(args.device)
+    dtype = DTYPES[args.dtype]
+    model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype).eval()
+    model.to(accelerator.device)
+    processor = Blip2Processor.from_pretrained(args.model)
+
+    if args.overwrite and accelerator.is_main_process:
+        remove_parts(output)
+    accelerator.wait_for_everyone()
+    parts = RecordParts(parts_folder(output), accelerator.process_index)
+    plan = plan_batches(nsd_ids, paths, args.batch_size, parts.done(), accelerator.process_index,
+                        accelerator.num_processes)  # fmt: skip
+    if accelerator.is_main_process:
+        log.info("%d images, %d already captioned; %d processes", len(nsd_ids), plan.finished_images,
+                 accelerator.num_processes)  # fmt: skip
+    tokenizer = processor.tokenizer
+
+    @torch.inference_mode()
+    def step(batch) -> None:
+        inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        torch.manual_seed(batch_seed(args.seed, batch.index))  # generate() samples from the global generator
+        generated = model.generate(
+            **inputs,
+            do_sample=True,
+            num_return_sequences=args.num_captions,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+        )
+        if "input_ids" in inputs:  # decoder-only LM: the prompt is echoed before the caption
+            generated = generated[:, inputs["input_ids"].shape[1] :]
+        # Rows are image-major (num_captions per image); those beyond the real images pad a short last batch.
+        texts = tokenizer.batch_decode(generated[: len(batch.nsd_ids) * args.num_captions], skip_special_tokens=True)
+        records = []
+        for i, nsd_id in enumerate(batch.nsd_ids):
+            captions = [t.strip() for t in texts[i * args.num_captions : (i + 1) * args.num_captions]]
+            records.append({"nsd_id": nsd_id, "captions": captions})
+        parts.add(records)
+
+    run_batches(plan, step, Preprocess(processor, args.prompt), args.num_workers, "BLIP-2 captions",
+                progress=not args.quiet and accelerator.is_main_process)  # fmt: skip
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return 0
+    merged = parts.merged()
+    if sorted(merged) != nsd_ids:
+        raise RuntimeError(f"captioned {len(merged)} images, expected {len(nsd_ids)}")
+    # Provenance lives in the file's info (a run.json beside it would clash with other stages' files in nsd/).
+    info = {
+        "source": "BLIP-2 sampled captions (generate_captions.py)",
+        "settings": settings,
+        "run": json.loads(json.dumps(run_manifest(args), default=str)),
+    }
+    write_captions(output, {i: merged[i]["captions"] for i in nsd_ids}, info)
+    remove_parts(output)
+    log.info("wrote %d captions for %d images to %s", len(nsd_ids) * args.num_captions, len(nsd_ids), output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
