@@ -14,13 +14,19 @@ SHELL_SCRIPTS = sorted((REPO / "scripts").rglob("*.sh"))
 
 
 def _commands(script: Path) -> list[tuple[str, list[str]]]:
+    """(script, flags) of every stage call: `python x.py ...`, `accelerate launch ... x.py ...` or
+    `"${LAUNCH[@]}" x.py ...` (a launcher kept in a bash array)."""
     text = script.read_text().replace("\\\n", " ")  # join continuation lines
+    text = re.sub(r"\$\{\w+\[@\]\}", "python", text)  # "${LAUNCH[@]}" -> the plain launcher
     text = re.sub(r"\$\{?\w+\}?", "1", text)  # shell variables -> a value every flag type accepts
     found = []
     for line in text.splitlines():
         words = shlex.split(line, comments=True)
-        if len(words) >= 2 and words[0] in ("python", "python3") and words[1].endswith(".py"):
-            found.append((words[1], words[2:]))
+        if not words or words[0] not in ("python", "python3", "accelerate"):
+            continue
+        stage = next((i for i, w in enumerate(words) if re.fullmatch(r"[\w./-]+\.py", w)), None)
+        if stage is not None:
+            found.append((words[stage], words[stage + 1 :]))
     return found
 
 
