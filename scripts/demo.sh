@@ -48,3 +48,20 @@ echo "== 6. what the prepared dataset root holds"
 python tools/describe_root.py \
   --dataset-root "$DATASET_ROOT" \
   --json "$DEMO_DIR/root_summary.json"
+
+echo "== 7. instruction data: template conversations (offline, free) and the LLaVA SFT files"
+for TYPE in conversation detail_description complex_reasoning; do
+  python prepare_datasets/generate_conversation.py \
+    --dataset-root "$DATASET_ROOT" \
+    --prompt-type "$TYPE" \
+    --backend template \
+    --subject all \
+    --quiet
+done
+python prepare_datasets/generate_sft_data.py \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all \
+  --types brief_description instruction_reconstruction concept_localization conversation detail_description complex_reasoning \
+  --caption-sources coco \
+  --instance-source coco \
+  --per-sample

@@ -18,7 +18,16 @@ def _commands(script: Path) -> list[tuple[str, list[str]]]:
     `"${LAUNCH[@]}" x.py ...` (a launcher kept in a bash array)."""
     text = script.read_text().replace("\\\n", " ")  # join continuation lines
     text = re.sub(r"\$\{\w+\[@\]\}", "python", text)  # "${LAUNCH[@]}" -> the plain launcher
-    text = re.sub(r"\$\{?\w+\}?", "1", text)  # shell variables -> a value every flag type accepts
+    # Shell variables take the value the recipe gives them (`X=${X:-default}`, `X=value`, the first
+    # item of `for X in a b c`); others become "1", a value most flag types accept.
+    values = {}
+    for name, default in re.findall(r"^(\w+)=\$\{\w+:-\"?([^}\"]*)\"?\}", text, flags=re.M):
+        values[name] = default.split()[0] if default.split() else "1"
+    for name, value in re.findall(r"^(\w+)=([^\s$]+)\s*$", text, flags=re.M):
+        values.setdefault(name, value.strip("\"'"))
+    for name, items in re.findall(r"for (\w+) in ([^;]+); do", text):
+        values.setdefault(name, items.split()[0])
+    text = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m[1], "1"), text)
     found = []
     for line in text.splitlines():
         words = shlex.split(line, comments=True)
