@@ -202,9 +202,22 @@ class DatasetRoot:
     def gpt_conversation(self, prompt_type: str) -> Path:
         return self.nsd / "nsd_gpt_conversation" / f"{prompt_type}.jsonl"
 
+    def gpt_conversation_run(self, prompt_type: str) -> Path:
+        """Provenance of a conversation file: arguments, prompt fingerprint, API counts, tokens, cost."""
+        return self.nsd / "nsd_gpt_conversation" / f"{prompt_type}.run.json"
+
+    def gpt_conversation_lock(self, prompt_type: str) -> Path:
+        """Held while a run appends to the conversation file, so two runs never write it at once."""
+        return self.nsd / "nsd_gpt_conversation" / f".{prompt_type}.jsonl.lock"
+
     def sft_data(self, split: str) -> Path:
         _check_split(split)
         return self.nsd / f"sft_data_{split}.json"
+
+    @property
+    def sft_data_run(self) -> Path:
+        """Settings, input fingerprints and counts of the SFT files (written last: marks them complete)."""
+        return self.nsd / "sft_data_run.json"
 
     @property
     def vision_embeds_dir(self) -> Path:

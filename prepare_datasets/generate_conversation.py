@@ -145,9 +145,8 @@ class Progress:
 
 
 @contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """Hold a lock beside `path` so that two runs never append to the same file (duplicates)."""
-    lock = path.with_name(f".{path.name}.lock")
+def exclusive(path: Path, lock: Path) -> Iterator[None]:
+    """Hold `lock` so that two runs never append to the same file `path` (duplicates)."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as handle:
         try:
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model if args.backend == "openai" else TEMPLATE_MODEL
     output = layout.gpt_conversation(args.prompt_type)
 
-    with exclusive(output):
+    with exclusive(output, layout.gpt_conversation_lock(args.prompt_type)):
         if args.overwrite:
             output.unlink(missing_ok=True)
         store = JsonlStore(output)
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = sorted(set(nsd_ids) - {r["nsd_id"] for r in store})
         stop_reason = "interrupted" if interrupted else budget.stop_reason if budget else None
         write_json(
-            output.with_name(f"{output.stem}.run.json"),
+            layout.gpt_conversation_run(args.prompt_type),
             run_manifest(
                 args,
                 output=str(output),

@@ -148,7 +148,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def run_manifest_path(layout: DatasetRoot) -> Path:
     """Settings, input digests and counts of the last finished run, beside the two outputs."""
-    return layout.sft_data("tr").with_name("sft_data_run.json")
+    return layout.sft_data_run
 
 
 # Inputs ---------------------------------------------------------------------------------------
