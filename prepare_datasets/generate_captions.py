@@ -97,6 +97,10 @@ def _settings(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
     if args.num_captions < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         build_parser().error("--num-captions, --batch-size and --max-new-tokens must be >= 1")
     layout = DatasetRoot(args.dataset_root)

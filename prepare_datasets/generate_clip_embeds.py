@@ -133,6 +133,10 @@ def _settings(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
     if args.batch_size < 1 or args.vae_size < 8:
         build_parser().error("--batch-size must be >= 1 and --vae-size >= 8")
     layout = DatasetRoot(args.dataset_root)

@@ -89,6 +89,10 @@ def _settings(args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
     if not 0.0 <= args.threshold <= 1.0 or args.batch_size < 1:
         build_parser().error("--threshold must be in [0, 1] and --batch-size >= 1")
     layout = DatasetRoot(args.dataset_root)

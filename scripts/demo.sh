@@ -6,6 +6,7 @@ set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-demo_out}
 NSD_ROOT=$DEMO_DIR/mini_nsd
 DATASET_ROOT=$DEMO_DIR/root
+TINY=$DEMO_DIR/tiny_models
 SEED=0
 
 echo "== 1. mini-NSD: a raw NSD tree (betas, ROIs, design, stimuli, COCO annotations)"
@@ -44,12 +45,53 @@ python prepare_datasets/make_coco_annotations.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all
 
-echo "== 6. what the prepared dataset root holds"
+echo "== 6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP, VAE trained on mini-NSD, unCLIP, Llama)"
+echo "   (prints the trained VAE's PixCorr on held-out images: reconstructions vs shuffled pairs)"
+python tools/make_tiny_models.py \
+  --out "$TINY" \
+  --nsd-root "$NSD_ROOT" \
+  --seed "$SEED" \
+  --quiet
+
+echo "== 7. BLIP-2 captions (random tiny model: the text is noise; the pipeline is the point)"
+python prepare_datasets/generate_captions.py \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all \
+  --model "$TINY/blip2" \
+  --num-captions 2 \
+  --max-new-tokens 8 \
+  --device cpu \
+  --batch-size 64 \
+  --quiet
+
+echo "== 8. DETR objects (random tiny model, so every box is kept: --threshold 0)"
+python prepare_datasets/object_detection.py \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all \
+  --model "$TINY/detr" \
+  --threshold 0.0 \
+  --device cpu \
+  --batch-size 64 \
+  --quiet
+
+echo "== 9. CLIP image embeddings and VAE latents (the ViT3D's targets)"
+python prepare_datasets/generate_clip_embeds.py \
+  --dataset-root "$DATASET_ROOT" \
+  --subject all \
+  --clip-model "$TINY/clip_vision" \
+  --tokens \
+  --vae-model "$TINY/unclip" \
+  --vae-size 64 \
+  --device cpu \
+  --batch-size 64 \
+  --quiet
+
+echo "== 10. what the prepared dataset root holds"
 python tools/describe_root.py \
   --dataset-root "$DATASET_ROOT" \
   --json "$DEMO_DIR/root_summary.json"
 
-echo "== 7. instruction data: template conversations (offline, free) and the LLaVA SFT files"
+echo "== 11. instruction data: template conversations (offline, free) and the LLaVA SFT files"
 for TYPE in conversation detail_description complex_reasoning; do
   python prepare_datasets/generate_conversation.py \
     --dataset-root "$DATASET_ROOT" \
@@ -65,3 +107,4 @@ python prepare_datasets/generate_sft_data.py \
   --caption-sources coco \
   --instance-source coco \
   --per-sample
+

@@ -53,11 +53,21 @@ def describe(layout: DatasetRoot) -> dict:
         raise BadInputError(layout.nsd, "no prepared subjects (nsd/fmris/subjXX) or images; run make_subjmri.py first")
     summary: dict = {"subjects": {f"subj{s:02d}": _subject_summary(layout, s) for s in subjects}}
     summary["images"] = len(list(layout.images_dir.glob("nsd_image_*.png"))) if layout.images_dir.is_dir() else 0
-    for key, path in (("coco_captions", layout.coco_captions), ("coco_instances", layout.coco_instances)):
+    annotation_files = (
+        ("coco_captions", layout.coco_captions),
+        ("coco_instances", layout.coco_instances),
+        ("captions", layout.captions),
+        ("instances", layout.instances),
+    )
+    for key, path in annotation_files:
         if path.is_file():
             images = read_json(path, "NSD-keyed annotations").get("images", {})
             count = sum(len(v) for v in images.values())
             summary[key] = {"images": len(images), "entries": count}
+    for folder in (layout.vision_embeds_dir, layout.vae_embeds_dir):
+        index = folder / "index.json"
+        if index.is_file():
+            summary[folder.name] = read_json(index, "an embeddings index").get("arrays", {})
     return summary
 
 
@@ -76,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             f"    areas (voxels): {areas}"
         )
     print(f"  images: {summary['images']} PNGs")
-    for key in ("coco_captions", "coco_instances"):
+    for key in ("coco_captions", "coco_instances", "captions", "instances"):
         if key in summary:
             print(f"  {key}: {summary[key]['entries']} for {summary[key]['images']} images")
+    for folder in ("vision_embeds", "vae_embeds"):
+        for name, array in summary.get(folder, {}).items():
+            print(f"  {folder}/{name}: {array['dtype']} {'x'.join(map(str, array['shape']))}")
     if args.json:
         write_json(args.json, json.loads(json.dumps(summary)))
     return 0

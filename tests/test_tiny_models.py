@@ -1,0 +1,291 @@
+"""tools/make_tiny_models.py and llava_brain/tiny.py: every folder reloads with its full-scale class and runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_brain import tiny
+from llava_brain.layout import NsdTree
+from llava_brain.simulate.scenes import SHAPES
+
+from conftest import load_script
+
+# Enough VAE steps to beat shuffled pairs clearly on the SMALL tree's 12 held-out images (~13 s of the ~18 s build).
+TEST_VAE_STEPS = 150
+FOLDERS = ("blip2", "detr", "clip_vision", "clip_text", "vae", "unclip", "llm")
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("tools/make_tiny_models.py")
+
+
+def _args(tree: NsdTree, out: Path, *flags: str) -> list[str]:
+    return ["--out", str(out), "--nsd-root", str(tree.root), "--vae-steps", str(TEST_VAE_STEPS), "--quiet", *flags]
+
+
+@pytest.fixture(scope="module")
+def built(script, small_tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "models"
+    assert script.main(_args(small_tree, out)) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(built) -> dict:
+    return json.loads((built / "tiny_models.json").read_text())
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (425, 425, 3), dtype=np.uint8))
+
+
+# The tool ------------------------------------------------------------------------------------------
+
+
+def test_writes_every_folder_and_a_manifest(built, manifest):
+    assert sorted(p.name for p in built.iterdir()) == sorted([*FOLDERS, "run.json", "tiny_models.json"])
+    assert not list(built.parent.glob(".models.*")), "the staging folder must be gone"
+    assert set(manifest["models"]) == set(FOLDERS)
+    assert manifest["settings"]["vae_steps"] == TEST_VAE_STEPS and manifest["seed"] == 0
+    for name, entry in manifest["models"].items():
+        assert entry["class"], name
+        assert entry.get("parameters", entry.get("unet_parameters", 0)) > 0, name
+    assert json.loads((built / "run.json").read_text())["arguments"]["vae_steps"] == TEST_VAE_STEPS
+
+
+def test_rerun_with_the_same_settings_skips(script, small_tree, built):
+    before = {p: p.stat().st_mtime_ns for p in built.rglob("*")}
+    assert script.main(_args(small_tree, built)) == 0
+    assert {p: p.stat().st_mtime_ns for p in built.rglob("*")} == before
+
+
+def test_other_settings_need_overwrite(script, small_tree, built, capsys):
+    assert script.main(_args(small_tree, built, "--seed", "1")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_overwrite_rebuilds_atomically(script, small_tree, tmp_path):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "stale.txt").write_text("left by an interrupted run")
+    assert script.main(_args(small_tree, out)) == 2  # not a finished folder: refuse to touch it
+    assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), "--vae-steps", "1", "--quiet",
+                        "--overwrite"]) == 0  # fmt: skip
+    assert not (out / "stale.txt").exists() and (out / "tiny_models.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_missing_nsd_input_exits_2(script, tmp_path, capsys):
+    assert script.main(["--out", str(tmp_path / "models"), "--nsd-root", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert "captions" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing half-written, no staging folder left"
+
+
+# Each folder loads with the full-scale class and runs -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("folder", "model_type"),
+    [("blip2", "blip-2"), ("detr", "detr"), ("clip_vision", "clip_vision_model"), ("clip_text", "clip_text_model"),
+     ("llm", "llama")],
+)  # fmt: skip
+def test_auto_config_model_type(built, folder, model_type):
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(built / folder).model_type == model_type
+
+
+def test_blip2_generates_captions(built):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    model = Blip2ForConditionalGeneration.from_pretrained(built / "blip2").eval()
+    processor = Blip2Processor.from_pretrained(built / "blip2")
+    inputs = processor(images=[_image(0), _image(1)], text=["", ""], return_tensors="pt")
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert image_token == model.config.image_token_index
+    num_query = model.config.num_query_tokens
+    assert (inputs["input_ids"] == image_token).sum(1).tolist() == [num_query] * 2
+    assert inputs["input_ids"][0, num_query] == processor.tokenizer.bos_token_id == 2  # OPT: "</s>" leads the text
+    generated = model.generate(**inputs, do_sample=True, num_return_sequences=2, max_new_tokens=6)
+    assert generated.shape[0] == 4 and generated.shape[1] > inputs["input_ids"].shape[1]
+    texts = processor.tokenizer.batch_decode(generated[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def test_detr_detects_with_mini_nsd_categories(built):
+    from transformers import DetrForObjectDetection, DetrImageProcessor
+
+    model = DetrForObjectDetection.from_pretrained(built / "detr").eval()
+    processor = DetrImageProcessor.from_pretrained(built / "detr")
+    assert model.config.id2label == {0: "N/A", **{i + 1: name for i, name in enumerate(SHAPES)}}
+    assert model.config.backbone_config.model_type == "resnet"  # transformers' ResNet: no timm, no download
+    with torch.no_grad():
+        outputs = model(**processor(images=[_image(0), _image(1)], return_tensors="pt"))
+    assert outputs.logits.shape == (2, model.config.num_queries, len(SHAPES) + 2)  # + "N/A" + no-object
+    results = processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=[(425, 425)] * 2)
+    boxes, labels = results[0]["boxes"], results[0]["labels"]
+    assert boxes.shape == (model.config.num_queries, 4) and int(labels.max()) < len(model.config.id2label)
+
+
+def test_clip_vision_embeds_have_projection_dim(built, manifest):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    model = CLIPVisionModelWithProjection.from_pretrained(built / "clip_vision").eval()
+    processor = CLIPImageProcessor.from_pretrained(built / "clip_vision")
+    with torch.no_grad():
+        out = model(**processor(images=[_image(0)], return_tensors="pt"), output_hidden_states=True)
+    assert out.image_embeds.shape == (1, manifest["models"]["clip_vision"]["projection_dim"])
+    grid = model.config.image_size // model.config.patch_size
+    assert out.hidden_states[-2].shape == (1, grid * grid + 1, model.config.hidden_size)
+
+
+def test_clip_tokenizer_is_openai_vocabulary(built):
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(built / "clip_text")
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    model = CLIPTextModelWithProjection.from_pretrained(built / "clip_text").eval()
+    with torch.no_grad():
+        out = model(**tokenizer(["a red circle", "two shapes"], padding="max_length", return_tensors="pt"))
+    assert out.text_embeds.shape == (2, model.config.projection_dim)
+
+
+def test_unclip_pipeline_runs_from_image_embeds(built):
+    from diffusers import AutoencoderKL, StableUnCLIPImg2ImgPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(built / "unclip")
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
+    assert pipe.unet.config.class_embed_type == "projection"
+    assert pipe.unet.config.projection_class_embeddings_input_dim == 2 * pipe.image_encoder.config.projection_dim
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    clip = CLIPVisionModelWithProjection.from_pretrained(built / "clip_vision")
+    vae = AutoencoderKL.from_pretrained(built / "vae")
+    for ours, theirs in ((pipe.image_encoder, clip), (pipe.vae, vae)):  # the same weights as the stand-alone folders
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(ours.state_dict()[key], value), key
+    embeds = torch.randn(2, clip.config.projection_dim, generator=torch.Generator().manual_seed(0))
+    images = pipe(image_embeds=embeds, prompt=["a red circle", "a blue square"], num_inference_steps=2,
+                  output_type="np", generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    assert images.shape == (2, size, size, 3) and np.isfinite(images).all()
+
+
+def test_llm_generates_from_chat_template(built):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "llm")
+    model = AutoModelForCausalLM.from_pretrained(built / "llm").eval()
+    assert isinstance(model, LlamaForCausalLM) and len(tokenizer) == model.config.vocab_size
+    messages = [{"role": "user", "content": "<image>\nDescribe the image concisely."}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt.startswith("<s>A chat between") and prompt.endswith("USER: <image>\nDescribe the image concisely. "
+                                                                       "ASSISTANT:")  # fmt: skip
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert int(inputs["input_ids"][0, 0]) == tokenizer.bos_token_id  # once: the template, not the tokenizer too
+    assert int((inputs["input_ids"][0] == tokenizer.bos_token_id).sum()) == 1
+    generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_llm_chat_template_marks_assistant_tokens(built):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "llm")
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is there?"}]},
+        {"role": "assistant", "content": "A red circle."},
+    ]
+    out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    answer = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
+    assert tokenizer.decode(answer) == "A red circle.</s>"
+    assert "USER: <image>\nWhat is there? ASSISTANT: A red circle.</s>" in tokenizer.decode(out["input_ids"])
+
+
+def test_llm_tokenizer_round_trips_and_keeps_image_whole(built, manifest):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(built / "llm")
+    text = "A small green triangle on a sandy background.\nÜnïcode, digits 1234 and émojis 🙂 survive."
+    ids = tokenizer(text).input_ids
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert len(tokenizer.tokenize(" triangle")) == 1  # a caption word (with its space) is one token
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert tokenizer.image_token == "<image>" and tokenizer.image_token_id == image_id
+    assert tokenizer("<image>\nHi", add_special_tokens=False).input_ids[0] == image_id
+    assert tokenizer.tokenize("x<image>y").count("<image>") == 1
+    for name in ("bos", "eos", "pad", "unk"):
+        assert getattr(tokenizer, f"{name}_token_id") is not None, name
+    assert len(tokenizer) == manifest["models"]["llm"]["vocab_size"]
+
+
+def test_vae_learns_coarse_images(built, manifest):
+    report = manifest["vae_training"]
+    assert report["steps"] == TEST_VAE_STEPS and report["heldout_images"] >= 2
+    assert report["pixcorr"] > report["shuffled_pixcorr"] + 0.2, report
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(built / "vae")
+    assert vae.config.scaling_factor == pytest.approx(report["scaling_factor"], rel=1e-3)
+    x = torch.zeros(1, 3, 64, 64)
+    assert vae.encode(x).latent_dist.mean.shape == (1, 4, 16, 16)
+
+
+# Library ---------------------------------------------------------------------------------------------
+
+
+def test_builders_are_deterministic_and_leave_the_global_rng_alone():
+    state = torch.random.get_rng_state()
+    first, _ = tiny.build_clip_vision(seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second, _ = tiny.build_clip_vision(seed=3)
+    third, _ = tiny.build_clip_vision(seed=4)
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
+    assert any(not torch.equal(v, third.state_dict()[k]) for k, v in first.state_dict().items())
+    vaes = [tiny.build_vae(image_size=32, seed=0) for _ in range(2)]
+    images = torch.rand(8, 3, 32, 32) * 2 - 1
+    for vae in vaes:
+        tiny.train_vae(vae, images, steps=3, batch_size=4, seed=0)
+    for key, value in vaes[0].state_dict().items():
+        assert torch.equal(value, vaes[1].state_dict()[key]), key
+
+
+def test_built_weights_are_identical_for_the_same_seed(built):
+    from transformers import DetrForObjectDetection
+
+    bpe = tiny.train_byte_bpe(["a red circle on a gray background.", *tiny.INSTRUCTION_SENTENCES])
+    model = tiny.build_llm(tokenizer=tiny.build_llm_tokenizer(bpe), seed=0)
+    again = tiny.build_llm(tokenizer=tiny.build_llm_tokenizer(bpe), seed=0)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    detr, _ = tiny.build_detr(categories=SHAPES, seed=0)
+    stored = DetrForObjectDetection.from_pretrained(built / "detr").state_dict()
+    for key, value in detr.state_dict().items():
+        assert torch.equal(value, stored[key]), key
+
+
+def test_pixcorr():
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 8, 8, 3))
+    assert tiny.pixcorr(a, a) == pytest.approx(1.0)
+    assert tiny.pixcorr(a, -a) == pytest.approx(-1.0)
+    assert tiny.pixcorr(torch.from_numpy(a), 2 * a + 5) == pytest.approx(1.0)  # invariant to gain and offset
+    with pytest.raises(ValueError, match="one shape"):
+        tiny.pixcorr(a, a[:2])
+
+
+def test_clip_vocabulary_matches_open_clip_layout():
+    vocab, merges = tiny.openai_clip_vocab()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    assert vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    assert vocab["a</w>"] == 320 and vocab["!"] == 0

@@ -1,0 +1,299 @@
+"""Write the tiny stand-in of every model the pipeline loads, each a `save_pretrained` folder.
+
+Stages load them with `from_pretrained(<out>/<name>)` exactly as they load real weights:
+  blip2/        Blip2ForConditionalGeneration + Blip2Processor (OPT byte-level BPE tokenizer)
+  detr/         DetrForObjectDetection + DetrImageProcessor, id2label = the NSD tree's COCO categories
+  clip_vision/  CLIPVisionModelWithProjection + CLIPImageProcessor
+  clip_text/    CLIPTextModelWithProjection + CLIPTokenizer (OpenAI's real 49408-token vocabulary)
+  vae/          AutoencoderKL, trained briefly on the tree's stimuli (shared1000 images held out)
+  unclip/       StableUnCLIPImg2ImgPipeline built from clip_vision/, clip_text/'s tower and vae/
+  llm/          LlamaForCausalLM + byte-level BPE tokenizer trained on the tree's COCO captions
+                (+ instruction sentences), with `<image>` and LLaVA v1's chat template
+  tiny_models.json (what each folder holds, parameter counts, VAE PixCorr) and run.json.
+Weights are random except the VAE's; the same settings give identical files. Built in a temporary
+sibling folder renamed onto --out at the end; a rerun with the same settings does nothing.
+The CLIP vocabulary comes from the open-clip-torch wheel (read, not imported).
+
+  python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, ~50 s
+  python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40   # smoke
+On real NSD (COCO's varied captions fill the 4096-token vocabulary; the VAE sees 2048 NSD images):
+  python tools/make_tiny_models.py --out /data/tiny_models --nsd-root /data/nsd
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llava_brain.errors import BadInputError, exits_on_bad_input
+from llava_brain.io import read_json, write_json, write_run_json
+from llava_brain.layout import NsdTree
+
+log = logging.getLogger("make_tiny_models")
+MANIFEST = "tiny_models.json"
+# Bump when the builders change what they write, so that an old folder is not taken as up to date.
+FORMAT_VERSION = 1
+COCO_SPLITS = ("train2017", "val2017")
+HELDOUT_IMAGES = 64  # shared1000 images whose reconstructions the VAE is scored on
+PROJECTION_DIM = 32  # CLIP image/text embedding size (ViT-L/14: 768)
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    # Input / output
+    p.add_argument("--out", type=Path, required=True, help="folder to create; one subfolder per model")
+    p.add_argument(
+        "--nsd-root", type=Path, required=True,
+        help="raw NSD tree (mini-NSD or real): COCO captions train the LLM tokenizer, stimuli train the VAE, "
+        "COCO instance categories name DETR's labels",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="rebuild even if --out holds a complete set")
+    # Models
+    p.add_argument("--seed", type=int, default=0, help="seed of every random initialisation and of VAE training")
+    p.add_argument(
+        "--image-size", type=int, default=64,
+        help="pixels (square) of the VAE's training images and of unCLIP's output; latents are size/4 a side",
+    )  # fmt: skip
+    p.add_argument("--vocab-size", type=int, default=4096, help="largest LLM/BLIP-2 BPE vocabulary (the corpus may "
+                   "support fewer: mini-NSD's templated captions give ~600)")  # fmt: skip
+    # VAE training
+    p.add_argument(
+        "--vae-steps", type=int, default=500,
+        help="VAE optimisation steps (default 500: ~40-60 s on 2 CPU cores; 0 = leave it untrained)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vae-images", type=int, default=2048,
+        help="most training images, spread evenly over the non-shared nsdIds (mini-NSD has 1600)",
+    )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _settings(args) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "nsd_root": str(args.nsd_root.resolve()),
+        "seed": args.seed,
+        "image_size": args.image_size,
+        "vocab_size": args.vocab_size,
+        "vae_steps": args.vae_steps,
+        "vae_images": args.vae_images,
+    }
+
+
+def _read_captions(tree: NsdTree) -> list[str]:
+    from llava_brain.nsd import CocoAnnotations
+
+    paths = [tree.coco_annotations("captions", split) for split in COCO_SPLITS]
+    present = [p for p in paths if p.is_file()]
+    if not present:
+        raise BadInputError(paths[0], "missing; expected COCO caption annotations (captions_{train,val}2017.json)")
+    texts = []
+    for path in present:
+        annotations = CocoAnnotations.load(path, "captions")
+        texts += [ann["caption"] for anns in annotations.by_image.values() for ann in anns]
+    return texts
+
+
+def _read_categories(tree: NsdTree) -> list[str]:
+    """Names of COCO category ids 1..max; ids COCO skips (real COCO: 12, 26, ...) are "N/A" as in DETR."""
+    from llava_brain.nsd import CocoAnnotations
+
+    for split in COCO_SPLITS:
+        path = tree.coco_annotations("instances", split)
+        if path.is_file():
+            categories = CocoAnnotations.load(path, "instances").categories
+            if not categories or min(categories) < 1:
+                raise BadInputError(path, f"expected categories with ids 1, 2, ...; found ids {sorted(categories)}")
+            return [categories.get(i, "N/A") for i in range(1, max(categories) + 1)]
+    raise BadInputError(tree.coco_annotations("instances", COCO_SPLITS[0]), "missing; expected COCO instances")
+
+
+def _read_stimuli(tree: NsdTree, nsd_ids, size: int) -> np.ndarray:
+    """(n, size, size, 3) uint8, each stimulus resized with PIL's antialiasing bicubic filter."""
+    from PIL import Image
+
+    from llava_brain.nsd import NsdStimuli
+
+    with NsdStimuli(tree.stimuli) as stimuli:
+        return np.stack(
+            [np.asarray(Image.fromarray(stimuli[i]).resize((size, size), Image.Resampling.BICUBIC)) for i in nsd_ids]
+        )
+
+
+def _vae_split(tree: NsdTree, max_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train nsdIds, held-out nsdIds): held out are shared1000 images, the test images of every later stage."""
+    from llava_brain.nsd import StimInfo
+
+    info = StimInfo.load(tree.stim_info)
+    shared, others = np.flatnonzero(info.shared1000), np.flatnonzero(~info.shared1000)
+    if shared.size < 2 or others.size < 1:
+        raise BadInputError(tree.stim_info, "expected >= 2 shared1000 images and >= 1 other image to train the VAE")
+
+    def spread(ids: np.ndarray, n: int) -> np.ndarray:
+        return ids if ids.size <= n else ids[np.linspace(0, ids.size - 1, n).round().astype(int)]
+
+    return spread(others, max_train), spread(shared, HELDOUT_IMAGES)
+
+
+def _describe(model, **extra) -> dict:
+    from llava_brain.tiny import num_parameters
+
+    config = getattr(model, "config", None)
+    entry = {"class": type(model).__name__, "parameters": num_parameters(model)}
+    model_type = getattr(config, "model_type", None)
+    if model_type:
+        entry["model_type"] = model_type
+    return {**entry, **extra}
+
+
+def _build_vae(tree: NsdTree, args, staging: Path) -> tuple:
+    from llava_brain import tiny
+
+    train_ids, heldout_ids = _vae_split(tree, args.vae_images)
+    started = time.perf_counter()
+    train = tiny.images_to_tensor(_read_stimuli(tree, train_ids, args.image_size))
+    heldout = tiny.images_to_tensor(_read_stimuli(tree, heldout_ids, args.image_size))
+    read_seconds = time.perf_counter() - started
+    vae = tiny.build_vae(image_size=args.image_size, seed=args.seed)
+    report = {"train_images": len(train_ids), "heldout_images": len(heldout_ids), "steps": args.vae_steps,
+              "read_seconds": round(read_seconds, 1)}  # fmt: skip
+    if args.vae_steps > 0:
+        trained = tiny.train_vae(vae, train, steps=args.vae_steps, seed=args.seed, progress=not args.quiet)
+        report.update({k: round(v, 4) for k, v in trained.items()})
+    report.update({k: round(v, 4) for k, v in tiny.reconstruction_pixcorr(vae, heldout).items()})
+    vae.save_pretrained(staging / "vae")
+    log.info(
+        "VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f (%d steps, %.0f s)",
+        len(heldout_ids), report["pixcorr"], report["shuffled_pixcorr"], args.vae_steps, report.get("seconds", 0),
+    )  # fmt: skip
+    return vae, report
+
+
+def build_all(tree: NsdTree, args, staging: Path) -> dict:
+    """Write every model folder into `staging`; return the manifest's "models" and "vae" entries."""
+    from llava_brain import tiny
+
+    models: dict[str, dict] = {}
+    captions = _read_captions(tree)
+    bpe = tiny.train_byte_bpe([*captions, *tiny.INSTRUCTION_SENTENCES], vocab_size=args.vocab_size)
+    corpus = {"captions": len(captions), "instruction_sentences": len(tiny.INSTRUCTION_SENTENCES)}
+
+    llm_tokenizer = tiny.build_llm_tokenizer(bpe)
+    llm = tiny.build_llm(tokenizer=llm_tokenizer, seed=args.seed)
+    llm.save_pretrained(staging / "llm")
+    llm_tokenizer.save_pretrained(staging / "llm")
+    models["llm"] = _describe(llm, tokenizer=type(llm_tokenizer).__name__, vocab_size=len(llm_tokenizer),
+                              tokenizer_corpus=corpus, chat_template="LLaVA v1 (Vicuna)")  # fmt: skip
+
+    blip2, blip2_processor = tiny.build_blip2(tokenizer=tiny.build_opt_tokenizer(bpe), seed=args.seed)
+    blip2.save_pretrained(staging / "blip2")
+    blip2_processor.save_pretrained(staging / "blip2")
+    models["blip2"] = _describe(blip2, processor=type(blip2_processor).__name__,
+                                tokenizer=type(blip2_processor.tokenizer).__name__)  # fmt: skip
+
+    detr, detr_processor = tiny.build_detr(categories=_read_categories(tree), seed=args.seed)
+    detr.save_pretrained(staging / "detr")
+    detr_processor.save_pretrained(staging / "detr")
+    models["detr"] = _describe(detr, processor=type(detr_processor).__name__, id2label=detr.config.id2label)
+
+    clip_vision, clip_processor = tiny.build_clip_vision(projection_dim=PROJECTION_DIM, seed=args.seed)
+    clip_vision.save_pretrained(staging / "clip_vision")
+    clip_processor.save_pretrained(staging / "clip_vision")
+    models["clip_vision"] = _describe(clip_vision, processor=type(clip_processor).__name__,
+                                      projection_dim=PROJECTION_DIM)  # fmt: skip
+
+    clip_text, clip_tokenizer = tiny.build_clip_text(projection_dim=PROJECTION_DIM, seed=args.seed)
+    clip_text.save_pretrained(staging / "clip_text")
+    clip_tokenizer.save_pretrained(staging / "clip_text")
+    models["clip_text"] = _describe(clip_text, tokenizer=type(clip_tokenizer).__name__, vocab_size=len(clip_tokenizer))
+
+    vae, vae_report = _build_vae(tree, args, staging)
+    models["vae"] = _describe(vae, latent_channels=vae.config.latent_channels,
+                              scaling_factor=vae.config.scaling_factor)  # fmt: skip
+
+    pipe = tiny.build_unclip(clip_vision=clip_vision, feature_extractor=clip_processor, clip_tokenizer=clip_tokenizer,
+                             clip_text=clip_text, vae=vae, seed=args.seed)  # fmt: skip
+    pipe.save_pretrained(staging / "unclip")
+    models["unclip"] = {"class": type(pipe).__name__,
+                        "components": {name: type(c).__name__ for name, c in pipe.components.items()},
+                        "unet_parameters": tiny.num_parameters(pipe.unet)}  # fmt: skip
+    return {"models": models, "vae_training": vae_report}
+
+
+def _require_same_settings(out: Path, settings: dict) -> None:
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        raise BadInputError(out, "exists but is not a finished tiny-model folder; pass --overwrite or another --out")
+    if read_json(manifest, "a tiny-models manifest").get("settings") != settings:
+        raise BadInputError(manifest, "was written with other settings; pass --overwrite to rebuild")
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Sanity checks: the VAE halves the image for most of its training and downsamples by 4.
+    if args.image_size < 16 or args.image_size % 8:
+        build_parser().error(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
+    if args.vae_steps < 0 or args.vae_images < 1 or args.vocab_size < 300:
+        build_parser().error(
+            "--vae-steps must be >= 0, --vae-images >= 1 and --vocab-size >= 300 (256 bytes + specials)"
+        )
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" bars of save_pretrained
+    settings = _settings(args)
+    out = args.out
+    if out.exists() and not args.overwrite:
+        _require_same_settings(out, settings)
+        log.info("tiny models already complete at %s (same settings); nothing to do", out)
+        vae = read_json(out / MANIFEST, "the tiny models manifest").get("vae_training", {})
+        if "pixcorr" in vae:
+            log.info("VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f",
+                     vae["heldout_images"], vae["pixcorr"], vae["shuffled_pixcorr"])  # fmt: skip
+        return 0
+
+    tree = NsdTree(args.nsd_root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    started = time.perf_counter()
+    try:
+        summary = build_all(tree, args, staging)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        write_json(staging / MANIFEST, {"settings": settings, "seed": args.seed, **summary})
+        write_run_json(staging, args, summary={"seconds": summary["seconds"]})
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should be as readable as any folder
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            staging.rename(out)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote tiny models to %s in %.1f s: %s", out, summary["seconds"], ", ".join(summary["models"]))
+    return 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+if __name__ == "__main__":
+    sys.exit(main())
