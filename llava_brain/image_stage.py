@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from llava_brain.errors import BadInputError
-from llava_brain.io import JsonlStore, NpyRows, atomic_path, read_json
+from llava_brain.io import JsonlStore, NpyRows, atomic_path, read_json, write_json
 from llava_brain.layout import DatasetRoot
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,29 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 def parts_folder(output: Path) -> Path:
     return output.parent / f".{output.name}.parts"
+
+
+def open_work_folder(output: Path, settings: dict, accelerator, overwrite: bool) -> Path:
+    """The work folder of `output`, holding only parts made with these `settings`.
+
+    Part files of a run with other settings (a killed run, then a rerun with another batch size,
+    model or image size) must never be merged into this output: the main process discards such a
+    folder, then records the settings in it before any process stores a batch.
+    """
+    work = parts_folder(output)
+    marker = work / "settings.json"
+    if accelerator.is_main_process:
+        current = json.loads(json.dumps(settings, default=str))
+        stale = work.exists() and (not marker.is_file() or read_json(marker, "a work-folder settings file") != current)
+        if overwrite or stale:
+            if stale and not overwrite:
+                log.warning("discarding %s: its parts were made with other settings", work)
+            shutil.rmtree(work, ignore_errors=True)
+        if not marker.is_file():
+            work.mkdir(parents=True, exist_ok=True)
+            write_json(marker, current)
+    accelerator.wait_for_everyone()
+    return work
 
 
 def remove_parts(output: Path) -> None:

@@ -32,7 +32,7 @@ from llava_brain.image_stage import (
     batch_seed,
     check_model_folder,
     make_accelerator,
-    parts_folder,
+    open_work_folder,
     plan_batches,
     remove_parts,
     require_images,
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if same is not None and not args.overwrite:
         if not same or sorted(read_captions(output)) != nsd_ids:
             raise BadInputError(output, "was written with other settings or images; pass --overwrite to recompute")
+        remove_parts(output)  # leftovers of a killed --overwrite run
         log.info("captions of %d images already complete in %s; nothing to do", len(nsd_ids), output)
         return 0
     paths = require_images(layout, nsd_ids)
@@ -124,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     model.to(accelerator.device)
     processor = Blip2Processor.from_pretrained(args.model)
 
-    if args.overwrite and accelerator.is_main_process:
-        remove_parts(output)
-    accelerator.wait_for_everyone()
-    parts = RecordParts(parts_folder(output), accelerator.process_index)
+    work = open_work_folder(output, {**settings, "nsd_ids": nsd_ids}, accelerator, args.overwrite)
+    parts = RecordParts(work, accelerator.process_index)
     plan = plan_batches(nsd_ids, paths, args.batch_size, parts.done(), accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
     if accelerator.is_main_process:

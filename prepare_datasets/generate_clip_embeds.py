@@ -37,7 +37,7 @@ from llava_brain.image_stage import (
     ArrayParts,
     check_model_folder,
     make_accelerator,
-    parts_folder,
+    open_work_folder,
     plan_batches,
     remove_parts,
     require_images,
@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = read_json(index, "a vision_embeds index")
         if previous.get("settings") != settings or previous.get("nsd_ids") != nsd_ids:
             raise BadInputError(index, "was written with other settings or images; pass --overwrite to recompute")
+        remove_parts(out_dir)  # leftovers of a killed --overwrite run
         log.info("embeddings of %d images already complete in %s; nothing to do", len(nsd_ids), out_dir)
         return 0
     paths = require_images(layout, nsd_ids)
@@ -172,10 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         latent = args.vae_size // factor
         kinds["vae"] = ((vae.config.latent_channels, latent, latent), np.float32)
 
-    work = parts_folder(out_dir)
-    if args.overwrite and accelerator.is_main_process:
-        remove_parts(out_dir)
-    accelerator.wait_for_everyone()
+    shapes_of = {kind: [list(shape), np.dtype(dtype).name] for kind, (shape, dtype) in kinds.items()}
+    work = open_work_folder(out_dir, {**settings, "nsd_ids": nsd_ids, "kinds": shapes_of}, accelerator, args.overwrite)
     parts = ArrayParts(work, accelerator.process_index, kinds)
     plan = plan_batches(nsd_ids, paths, args.batch_size, parts.done(), accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
@@ -190,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         output = clip(pixel_values=pixels, output_hidden_states=args.tokens)
         arrays = {"clip": output.image_embeds[:n].float().cpu().numpy()}
         if args.tokens:
-            arrays["tokens"] = output.hidden_states[-2][:n].cpu().numpy()  # penultimate layer, CLS first
+            # Penultimate layer, CLS first; via float16 since numpy has no bfloat16.
+            arrays["tokens"] = output.hidden_states[-2][:n].to(torch.float16).cpu().numpy()
         if vae is not None:
             x = batch.inputs["vae"].to(accelerator.device, dtype)
             mean = vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # deterministic: no sampling

@@ -31,7 +31,7 @@ from llava_brain.image_stage import (
     RecordParts,
     check_model_folder,
     make_accelerator,
-    parts_folder,
+    open_work_folder,
     plan_batches,
     remove_parts,
     require_images,
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if same is not None and not args.overwrite:
         if not same or sorted(read_instances(output)) != nsd_ids:
             raise BadInputError(output, "was written with other settings or images; pass --overwrite to recompute")
+        remove_parts(output)  # leftovers of a killed --overwrite run
         log.info("detections of %d images already complete in %s; nothing to do", len(nsd_ids), output)
         return 0
     paths = require_images(layout, nsd_ids)
@@ -117,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     processor = DetrImageProcessor.from_pretrained(args.model)
     categories = {int(k): v for k, v in model.config.id2label.items() if v != "N/A"}  # COCO's unused ids are "N/A"
 
-    if args.overwrite and accelerator.is_main_process:
-        remove_parts(output)
-    accelerator.wait_for_everyone()
-    parts = RecordParts(parts_folder(output), accelerator.process_index)
+    work = open_work_folder(output, {**settings, "nsd_ids": nsd_ids}, accelerator, args.overwrite)
+    parts = RecordParts(work, accelerator.process_index)
     plan = plan_batches(nsd_ids, paths, args.batch_size, parts.done(), accelerator.process_index,
                         accelerator.num_processes)  # fmt: skip
     if accelerator.is_main_process:
