@@ -1,0 +1,78 @@
+"""llava_brain.evaluation.retrieval: top-1 retrieval both ways, MindEye's subset protocol, embedding metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llava_brain.evaluation import embedding_metrics, mindeye_retrieval, retrieval_report, top1_retrieval
+
+
+def test_perfect_predictions_retrieve_everything():
+    target = np.random.default_rng(0).normal(size=(50, 8))
+    result = top1_retrieval(target * 3.0, target)  # cosine ignores scale
+    assert result == {"brain_to_image": 1.0, "image_to_brain": 1.0, "chance": 1 / 50}
+
+
+def test_unrelated_predictions_are_near_chance():
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(400, 16))
+    pred = target[rng.permutation(400)]
+    result = top1_retrieval(pred, target)
+    assert result["chance"] == 1 / 400
+    assert result["brain_to_image"] < 0.02 and result["image_to_brain"] < 0.02
+
+
+def test_hand_made_3x3_example():
+    # Unit vectors, so S = pred @ target.T is exactly:
+    #   [[1, 0, 0],    row 0 -> 0 (hit)
+    #    [1, 0, 0],    row 1 -> 0 (miss)
+    #    [0, 0, 1]]    row 2 -> 2 (hit)
+    # Columns: col 0 -> row 0 (tie with row 1, first index wins: hit), col 1 -> all 0, first index 0 (miss),
+    # col 2 -> row 2 (hit).
+    target = np.eye(3)
+    pred = np.array([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 5.0]])
+    result = top1_retrieval(pred, target)
+    assert result["brain_to_image"] == pytest.approx(2 / 3)
+    assert result["image_to_brain"] == pytest.approx(2 / 3)
+    assert result["chance"] == pytest.approx(1 / 3)
+
+
+def test_mindeye_subset_equals_full_top1_when_small():
+    rng = np.random.default_rng(2)
+    target = rng.normal(size=(120, 8))
+    pred = target + rng.normal(scale=1.5, size=target.shape)
+    full = top1_retrieval(pred, target)
+    assert mindeye_retrieval(pred, target, subset=300, repeats=5) == full
+    assert mindeye_retrieval(pred, target, subset=120) == full
+
+
+def test_mindeye_subset_is_easier_and_deterministic():
+    rng = np.random.default_rng(3)
+    target = rng.normal(size=(600, 8))
+    pred = target + rng.normal(scale=1.0, size=target.shape)
+    sub = mindeye_retrieval(pred, target, subset=300, repeats=10, seed=4)
+    assert sub == mindeye_retrieval(pred, target, subset=300, repeats=10, seed=4)
+    assert sub["chance"] == 1 / 300
+    assert sub["brain_to_image"] >= top1_retrieval(pred, target)["brain_to_image"]
+
+
+def test_torch_input_and_embedding_metrics():
+    target = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    pred = torch.tensor([[1.0, 1.0], [0.0, 1.0]], requires_grad=True)
+    metrics = embedding_metrics(pred, target)
+    assert metrics["mse"] == pytest.approx((0 + 1 + 0 + 1) / 4)
+    assert metrics["cosine"] == pytest.approx((np.sqrt(0.5) + 1.0) / 2)
+    assert top1_retrieval(pred, target.numpy())["brain_to_image"] == 1.0
+
+
+def test_report_keys_and_shape_check():
+    x = np.random.default_rng(5).normal(size=(10, 4))
+    report = retrieval_report(x, x, prefix="te_")
+    expected = {"top1_brain_to_image", "top1_image_to_brain", "mindeye300_brain_to_image", "mindeye300_image_to_brain",
+                "mindeye300_chance", "mse", "cosine", "chance"}  # fmt: skip
+    assert set(report) == {f"te_{k}" for k in expected}
+    assert report["te_top1_brain_to_image"] == 1.0 and report["te_mse"] == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        top1_retrieval(x, x[:5])
