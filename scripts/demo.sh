@@ -108,3 +108,33 @@ python prepare_datasets/generate_sft_data.py \
   --instance-source coco \
   --per-sample
 
+
+echo "== 12. ridge baseline: nsdgeneral voxels -> image targets, top-1 retrieval among the test images vs chance"
+echo "   (pixels: 8x8 contrast thumbnails; clip: the random tiny CLIP's embeddings, expected near chance)"
+for TARGET in pixels clip; do
+  python tools/evaluate/ridge_baseline.py \
+    --dataset-root "$DATASET_ROOT" \
+    --subject all \
+    --select-region nsdgeneral \
+    --target "$TARGET" \
+    --out "$DEMO_DIR/runs/ridge" \
+    --overwrite
+done
+
+echo "== 13. ViT3D pretraining, tiny configuration, all subjects in one model (issue 6: in progress;"
+echo "   with the random tiny CLIP targets its retrieval stays near chance - the run checks the pipeline)"
+python pretrain_vit3d.py \
+  --dataset-root "$DATASET_ROOT" \
+  --out "$DEMO_DIR/runs/vit3d" \
+  --subject all \
+  --select-region nsdgeneral \
+  --num-layers 2 \
+  --hidden-size 64 \
+  --num-heads 4 \
+  --head-hidden 128 \
+  --patch-size 6 \
+  --vae \
+  --epochs 2 \
+  --warmup-steps 10 \
+  --num-workers 0 \
+  --device cpu

@@ -22,7 +22,7 @@ def _commands(script: Path) -> list[tuple[str, list[str]]]:
     # item of `for X in a b c`); others become "1", a value most flag types accept.
     values = {}
     for name, default in re.findall(r"^(\w+)=\$\{\w+:-\"?([^}\"]*)\"?\}", text, flags=re.M):
-        values[name] = default.split()[0] if default.split() else "1"
+        values[name] = default.split()[0] if default.split() else ""  # empty: the word disappears
     for name, value in re.findall(r"^(\w+)=([^\s$]+)\s*$", text, flags=re.M):
         values.setdefault(name, value.strip("\"'"))
     for name, items in re.findall(r"for (\w+) in ([^;]+); do", text):

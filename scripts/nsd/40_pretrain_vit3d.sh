@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# ViT3D pretraining in the paper's configuration: one model for subjects 1, 2, 5, 7 (nsdgeneral),
+# 16 layers, width 768, patch 14, CLIP + VAE heads (loss MSE + 1/64 MSE), lr 5e-4, 30 epochs,
+# batch 32 (PAPER.md; ~8 h on one A100-80GB there), then the ridge baseline on the same test sets.
+# Resume a killed run with RESUME=--resume. Status: docs/vit3d.md.
+set -euo pipefail
+
+DATASET_ROOT=${DATASET_ROOT:-/data/brain}
+OUT=${OUT:-runs/vit3d_nsdgeneral_p14}
+RESUME=${RESUME:-}
+
+# shellcheck disable=SC2086  # RESUME is empty or one flag
+python pretrain_vit3d.py \
+  --dataset-root "$DATASET_ROOT" \
+  --out "$OUT" \
+  --subject all \
+  --select-region nsdgeneral \
+  --num-layers 16 \
+  --hidden-size 768 \
+  --num-heads 12 \
+  --patch-size 14 \
+  --vae \
+  --vae-weight 0.015625 \
+  --epochs 30 \
+  --batch-size 32 \
+  --lr 5e-4 \
+  --device auto \
+  $RESUME
+
+python tools/evaluate/ridge_baseline.py \
+  --dataset-root "$DATASET_ROOT" \
+  --subject 1 2 5 7 \
+  --select-region nsdgeneral \
+  --target clip
