@@ -39,6 +39,39 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# Command line --------------------------------------------------------------------------------
+
+
+def add_selection_arguments(p, verb: str) -> None:
+    """--dataset-root and which images (--subject ... | --all-images), shared by every image stage."""
+    p.add_argument("--dataset-root", type=Path, required=True, help="prepared dataset root (holds nsd/images/)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--subject",
+        nargs="+",
+        default=["all"],
+        help=f"{verb} the images of these prepared subjects, or 'all' (default)",
+    )
+    which.add_argument("--all-images", action="store_true", help=f"{verb} every PNG in <root>/nsd/images/")
+
+
+def add_run_arguments(p, *, batch_size: int, output: str) -> None:
+    """Batching, loading, device, precision and rerun flags, shared by every image stage."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (also the unit of resuming)")
+    p.add_argument("--num-workers", type=int, default=2, help="background processes decoding PNGs (0 = inline)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (fp16/bf16 on GPU)")
+    p.add_argument("--overwrite", action="store_true", help=f"recompute even if {output} exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def quiet_transformers() -> None:
+    """No "Loading weights" bars from from_pretrained (so --quiet output stays one line per event)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 # Selection -----------------------------------------------------------------------------------
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,11 +28,14 @@ from llava_brain.errors import BadInputError, exits_on_bad_input
 from llava_brain.image_stage import (
     DTYPES,
     RecordParts,
+    add_run_arguments,
+    add_selection_arguments,
     batch_seed,
     check_model_folder,
     make_accelerator,
     open_work_folder,
     plan_batches,
+    quiet_transformers,
     remove_parts,
     require_images,
     run_batches,
@@ -50,15 +52,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dataset-root", type=Path, required=True, help="prepared dataset root (holds nsd/images/)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--subject",
-        nargs="+",
-        default=["all"],
-        help="caption the images of these prepared subjects, or 'all' (default)",
-    )
-    which.add_argument("--all-images", action="store_true", help="caption every PNG in <root>/nsd/images/")
+    add_selection_arguments(p, "caption")
     p.add_argument(
         "--model", default="Salesforce/blip2-opt-2.7b", help="Blip2ForConditionalGeneration folder or hub id"
     )
@@ -68,12 +62,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1.0 = off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; each fixed batch derives its own from it")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (also the unit of resuming)")
-    p.add_argument("--num-workers", type=int, default=2, help="background processes decoding PNGs (0 = inline)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (fp16/bf16 on GPU)")
-    p.add_argument("--overwrite", action="store_true", help="recompute even if nsd_captions.json exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(p, batch_size=16, output="nsd_captions.json")
     return p
 
 
@@ -98,9 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
+        quiet_transformers()
     if args.num_captions < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         build_parser().error("--num-captions, --batch-size and --max-new-tokens must be >= 1")
     layout = DatasetRoot(args.dataset_root)

@@ -35,10 +35,13 @@ from llava_brain.errors import BadInputError, exits_on_bad_input
 from llava_brain.image_stage import (
     DTYPES,
     ArrayParts,
+    add_run_arguments,
+    add_selection_arguments,
     check_model_folder,
     make_accelerator,
     open_work_folder,
     plan_batches,
+    quiet_transformers,
     remove_parts,
     require_images,
     run_batches,
@@ -55,15 +58,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dataset-root", type=Path, required=True, help="prepared dataset root (holds nsd/images/)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--subject",
-        nargs="+",
-        default=["all"],
-        help="embed the images of these prepared subjects (their nsd_fmri2image.json), or 'all' (default)",
-    )
-    which.add_argument("--all-images", action="store_true", help="embed every PNG in <root>/nsd/images/")
+    add_selection_arguments(p, "embed")
     p.add_argument(
         "--clip-model",
         default="openai/clip-vit-large-patch14",
@@ -81,12 +76,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--vae-size", type=int, default=512, help="pixels (square) the image is resized to before the VAE (default "
         "512, the paper's reconstruction size; latents are size/8 for SD VAEs)"
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (also the unit of resuming)")
-    p.add_argument("--num-workers", type=int, default=2, help="background processes decoding PNGs (0 = inline)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the models run")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (fp16/bf16 on GPU)")
-    p.add_argument("--overwrite", action="store_true", help="recompute even if the outputs exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(p, batch_size=32, output="vision_embeds/index.json")
     return p
 
 
@@ -134,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
+        quiet_transformers()
     if args.batch_size < 1 or args.vae_size < 8:
         build_parser().error("--batch-size must be >= 1 and --vae-size >= 8")
     layout = DatasetRoot(args.dataset_root)

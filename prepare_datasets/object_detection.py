@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,10 +28,13 @@ from llava_brain.errors import BadInputError, exits_on_bad_input
 from llava_brain.image_stage import (
     DTYPES,
     RecordParts,
+    add_run_arguments,
+    add_selection_arguments,
     check_model_folder,
     make_accelerator,
     open_work_folder,
     plan_batches,
+    quiet_transformers,
     remove_parts,
     require_images,
     run_batches,
@@ -49,23 +51,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--dataset-root", type=Path, required=True, help="prepared dataset root (holds nsd/images/)")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--subject", nargs="+", default=["all"], help="detect in the images of these prepared subjects, or 'all'"
-    )
-    which.add_argument("--all-images", action="store_true", help="detect in every PNG in <root>/nsd/images/")
+    add_selection_arguments(p, "detect objects in")
     p.add_argument("--model", default="facebook/detr-resnet-101", help="DetrForObjectDetection folder or hub id")
     p.add_argument(
         "--threshold", type=float, default=0.9, help="keep objects whose class score is at least this (0-1; "
         "DETR's examples use 0.9)"
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (also the unit of resuming)")
-    p.add_argument("--num-workers", type=int, default=2, help="background processes decoding PNGs (0 = inline)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model precision (fp16/bf16 on GPU)")
-    p.add_argument("--overwrite", action="store_true", help="recompute even if nsd_instances.json exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(p, batch_size=16, output="nsd_instances.json")
     return p
 
 
@@ -90,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" bars of from_pretrained
+        quiet_transformers()
     if not 0.0 <= args.threshold <= 1.0 or args.batch_size < 1:
         build_parser().error("--threshold must be in [0, 1] and --batch-size >= 1")
     layout = DatasetRoot(args.dataset_root)
