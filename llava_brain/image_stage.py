@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from llava_brain.errors import BadInputError
-from llava_brain.io import JsonlStore, NpyRows, atomic_path, read_json, write_json
+from llava_brain.io import JsonlStore, NpyRows, atomic_path, read_json, run_manifest, write_json
 from llava_brain.layout import DatasetRoot
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,28 @@ def open_work_folder(output: Path, settings: dict, accelerator, overwrite: bool)
 
 def remove_parts(output: Path) -> None:
     shutil.rmtree(parts_folder(output), ignore_errors=True)
+
+
+def already_done(output: Path, settings: dict, nsd_ids: list[int], stored_ids: Callable[[Path], Any],
+                 overwrite: bool) -> bool:  # fmt: skip
+    """True if `output` (a JSON file whose info holds "settings") already covers `nsd_ids` with `settings`.
+
+    An output made with other settings or for other images stops the stage unless --overwrite is
+    given; `stored_ids(output)` lists the nsdIds it holds. A finished output also clears the work
+    folder a killed --overwrite run may have left.
+    """
+    same = settings_match(output, settings)
+    if same is None or overwrite:
+        return False
+    if not same or sorted(stored_ids(output)) != nsd_ids:
+        raise BadInputError(output, "was written with other settings or images; pass --overwrite to recompute")
+    remove_parts(output)
+    return True
+
+
+def provenance(args) -> dict:
+    """The run manifest (arguments, versions, git commit) as plain JSON, for an output's "info"."""
+    return json.loads(json.dumps(run_manifest(args), default=str))
 
 
 def settings_match(path: Path, settings: dict) -> bool | None:

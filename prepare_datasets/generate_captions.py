@@ -17,32 +17,31 @@ Tiny (mini-NSD, CPU):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 import torch
 
 from llava_brain.annotations import read_captions, write_captions
-from llava_brain.errors import BadInputError, exits_on_bad_input
+from llava_brain.errors import exits_on_bad_input
 from llava_brain.image_stage import (
     DTYPES,
     RecordParts,
     add_run_arguments,
     add_selection_arguments,
+    already_done,
     batch_seed,
     check_model_folder,
     make_accelerator,
     open_work_folder,
     plan_batches,
+    provenance,
     quiet_transformers,
     remove_parts,
     require_images,
     run_batches,
     select_images,
-    settings_match,
 )
-from llava_brain.io import run_manifest
 from llava_brain.layout import DatasetRoot
 
 log = logging.getLogger("generate_captions")
@@ -94,11 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     output = layout.captions
     nsd_ids = select_images(layout, None if args.all_images else args.subject, args.all_images)
     settings = _settings(args)
-    same = settings_match(output, settings)
-    if same is not None and not args.overwrite:
-        if not same or sorted(read_captions(output)) != nsd_ids:
-            raise BadInputError(output, "was written with other settings or images; pass --overwrite to recompute")
-        remove_parts(output)  # leftovers of a killed --overwrite run
+    if already_done(output, settings, nsd_ids, read_captions, args.overwrite):
         log.info("captions of %d images already complete in %s; nothing to do", len(nsd_ids), output)
         return 0
     paths = require_images(layout, nsd_ids)
@@ -156,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {
         "source": "BLIP-2 sampled captions (generate_captions.py)",
         "settings": settings,
-        "run": json.loads(json.dumps(run_manifest(args), default=str)),
+        "run": provenance(args),
     }
     write_captions(output, {i: merged[i]["captions"] for i in nsd_ids}, info)
     remove_parts(output)

@@ -17,31 +17,30 @@ Tiny (mini-NSD, CPU):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
 import torch
 
 from llava_brain.annotations import read_instances, write_instances
-from llava_brain.errors import BadInputError, exits_on_bad_input
+from llava_brain.errors import exits_on_bad_input
 from llava_brain.image_stage import (
     DTYPES,
     RecordParts,
     add_run_arguments,
     add_selection_arguments,
+    already_done,
     check_model_folder,
     make_accelerator,
     open_work_folder,
     plan_batches,
+    provenance,
     quiet_transformers,
     remove_parts,
     require_images,
     run_batches,
     select_images,
-    settings_match,
 )
-from llava_brain.io import run_manifest
 from llava_brain.layout import DatasetRoot
 
 log = logging.getLogger("object_detection")
@@ -89,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     output = layout.instances
     nsd_ids = select_images(layout, None if args.all_images else args.subject, args.all_images)
     settings = _settings(args)
-    same = settings_match(output, settings)
-    if same is not None and not args.overwrite:
-        if not same or sorted(read_instances(output)) != nsd_ids:
-            raise BadInputError(output, "was written with other settings or images; pass --overwrite to recompute")
-        remove_parts(output)  # leftovers of a killed --overwrite run
+    if already_done(output, settings, nsd_ids, read_instances, args.overwrite):
         log.info("detections of %d images already complete in %s; nothing to do", len(nsd_ids), output)
         return 0
     paths = require_images(layout, nsd_ids)
@@ -152,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"detected in {len(merged)} images, expected {len(nsd_ids)}")
     # Provenance lives in the file's info (a run.json beside it would clash with other stages' files in nsd/).
     info = {"source": "DETR detections (object_detection.py)", "settings": settings,
-            "run": json.loads(json.dumps(run_manifest(args), default=str))}  # fmt: skip
+            "run": provenance(args)}  # fmt: skip
     write_instances(output, {i: merged[i]["objects"] for i in nsd_ids}, categories, info)
     remove_parts(output)
     count = sum(len(merged[i]["objects"]) for i in nsd_ids)
