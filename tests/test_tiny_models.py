@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,12 +13,18 @@ from PIL import Image
 
 from llava_brain import tiny
 from llava_brain.layout import NsdTree
+from llava_brain.simulate import MiniNsdConfig, write_mini_nsd
 from llava_brain.simulate.scenes import SHAPES
 
-from conftest import load_script
+from conftest import SMALL, load_script
 
-# Enough VAE steps to beat shuffled pairs clearly on the SMALL tree's 12 held-out images (~13 s of the ~18 s build).
+# SMALL with more images (~2 s to write): CLIP retrieval among SMALL's 12 held-out images is too coarse to
+# tell learning from luck; here CLIP trains on 220 images and is scored on 40 (chance 0.025).
+TREE = dict(SMALL, num_shared=40, images_per_subject=150, sessions=3)
+# Enough VAE steps to beat shuffled pairs clearly on the tree's held-out images (~13 s of the build).
 TEST_VAE_STEPS = 150
+# Enough CLIP steps for held-out top-1 of 0.10-0.20 both ways over seeds 0-5 (~5 s of the build).
+TEST_CLIP_STEPS = 200
 FOLDERS = ("blip2", "detr", "clip_vision", "clip_text", "vae", "unclip", "llm")
 
 
@@ -26,14 +33,22 @@ def script():
     return load_script("tools/make_tiny_models.py")
 
 
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> NsdTree:
+    out = tmp_path_factory.mktemp("clip_nsd") / "nsd"
+    write_mini_nsd(out, MiniNsdConfig(**TREE), progress=False)
+    return NsdTree(out)
+
+
 def _args(tree: NsdTree, out: Path, *flags: str) -> list[str]:
-    return ["--out", str(out), "--nsd-root", str(tree.root), "--vae-steps", str(TEST_VAE_STEPS), "--quiet", *flags]
+    return ["--out", str(out), "--nsd-root", str(tree.root), "--vae-steps", str(TEST_VAE_STEPS),
+            "--clip-steps", str(TEST_CLIP_STEPS), "--quiet", *flags]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def built(script, small_tree, tmp_path_factory) -> Path:
+def built(script, tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "models"
-    assert script.main(_args(small_tree, out)) == 0
+    assert script.main(_args(tree, out)) == 0
     return out
 
 
@@ -54,20 +69,24 @@ def test_writes_every_folder_and_a_manifest(built, manifest):
     assert not list(built.parent.glob(".models.*")), "the staging folder must be gone"
     assert set(manifest["models"]) == set(FOLDERS)
     assert manifest["settings"]["vae_steps"] == TEST_VAE_STEPS and manifest["seed"] == 0
+    assert manifest["settings"]["clip_steps"] == TEST_CLIP_STEPS
     for name, entry in manifest["models"].items():
         assert entry["class"], name
         assert entry.get("parameters", entry.get("unet_parameters", 0)) > 0, name
     assert json.loads((built / "run.json").read_text())["arguments"]["vae_steps"] == TEST_VAE_STEPS
 
 
-def test_rerun_with_the_same_settings_skips(script, small_tree, built):
+def test_rerun_with_the_same_settings_skips(script, tree, built, caplog):
     before = {p: p.stat().st_mtime_ns for p in built.rglob("*")}
-    assert script.main(_args(small_tree, built)) == 0
+    with caplog.at_level("INFO", logger="make_tiny_models"):
+        assert script.main(_args(tree, built)) == 0
     assert {p: p.stat().st_mtime_ns for p in built.rglob("*")} == before
+    assert "CLIP on 40 held-out shared1000 images" in caplog.text  # the stored scores are repeated
 
 
-def test_other_settings_need_overwrite(script, small_tree, built, capsys):
-    assert script.main(_args(small_tree, built, "--seed", "1")) == 2
+@pytest.mark.parametrize("flags", [("--seed", "1"), ("--clip-steps", "1")])
+def test_other_settings_need_overwrite(script, tree, built, capsys, flags):
+    assert script.main(_args(tree, built, *flags)) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
@@ -76,10 +95,26 @@ def test_overwrite_rebuilds_atomically(script, small_tree, tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("left by an interrupted run")
     assert script.main(_args(small_tree, out)) == 2  # not a finished folder: refuse to touch it
-    assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), "--vae-steps", "1", "--quiet",
-                        "--overwrite"]) == 0  # fmt: skip
+    assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), "--vae-steps", "1", "--clip-steps",
+                        "1", "--quiet", "--overwrite"]) == 0  # fmt: skip
     assert not (out / "stale.txt").exists() and (out / "tiny_models.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_clip_steps_0_keeps_the_random_clip(script, small_tree, tmp_path):
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    out = tmp_path / "models"
+    flags = ["--vae-steps", "1", "--clip-steps", "0", "--quiet"]
+    assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), *flags]) == 0
+    report = json.loads((out / "tiny_models.json").read_text())["clip_training"]
+    assert report["steps"] == 0 and "seconds" not in report and report["chance"] == pytest.approx(1 / 12, abs=1e-4)
+    untrained = {"clip_vision": tiny.build_clip_vision(projection_dim=32, seed=0)[0],
+                 "clip_text": tiny.build_clip_text(projection_dim=32, seed=0)[0]}  # fmt: skip
+    for folder, cls in (("clip_vision", CLIPVisionModelWithProjection), ("clip_text", CLIPTextModelWithProjection)):
+        fresh, saved = untrained[folder], cls.from_pretrained(out / folder)
+        for key, value in fresh.state_dict().items():
+            assert torch.equal(saved.state_dict()[key], value), key
 
 
 def test_missing_nsd_input_exits_2(script, tmp_path, capsys):
@@ -160,7 +195,7 @@ def test_clip_tokenizer_is_openai_vocabulary(built):
 
 def test_unclip_pipeline_runs_from_image_embeds(built):
     from diffusers import AutoencoderKL, StableUnCLIPImg2ImgPipeline
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
     pipe = StableUnCLIPImg2ImgPipeline.from_pretrained(built / "unclip")
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
@@ -168,8 +203,10 @@ def test_unclip_pipeline_runs_from_image_embeds(built):
     assert pipe.unet.config.projection_class_embeddings_input_dim == 2 * pipe.image_encoder.config.projection_dim
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     clip = CLIPVisionModelWithProjection.from_pretrained(built / "clip_vision")
+    text = CLIPTextModelWithProjection.from_pretrained(built / "clip_text")
     vae = AutoencoderKL.from_pretrained(built / "vae")
-    for ours, theirs in ((pipe.image_encoder, clip), (pipe.vae, vae)):  # the same weights as the stand-alone folders
+    # The same (trained) weights as the stand-alone folders.
+    for ours, theirs in ((pipe.image_encoder, clip), (pipe.text_encoder, text.text_model), (pipe.vae, vae)):
         for key, value in theirs.state_dict().items():
             assert torch.equal(ours.state_dict()[key], value), key
     embeds = torch.randn(2, clip.config.projection_dim, generator=torch.Generator().manual_seed(0))
@@ -240,6 +277,35 @@ def test_vae_learns_coarse_images(built, manifest):
     assert vae.encode(x).latent_dist.mean.shape == (1, 4, 16, 16)
 
 
+def test_clip_learns_to_match_held_out_images_and_captions(script, tree, built, manifest):
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionModelWithProjection,
+    )
+
+    report = manifest["clip_training"]
+    assert report["steps"] == TEST_CLIP_STEPS and report["image_size"] == 32
+    assert (report["train_images"], report["heldout_images"]) == (220, 40)
+    assert report["chance"] == pytest.approx(1 / 40, abs=1e-4)
+    # 4x chance averaged over both directions: 8 hits of 80 where chance expects 2 (seeds 0-5 gave 10-15).
+    assert report["image_to_text_top1"] + report["text_to_image_top1"] >= 8 * report["chance"], report
+    assert np.isfinite(report["final_loss"]) and 1.0 < report["logit_scale"] <= 100.0
+    # The saved folders hold the trained towers: they reproduce the manifest's scores.
+    _, heldout, captions = script._clip_split(tree, script._read_captions(tree), 10_000)
+    processor = CLIPImageProcessor.from_pretrained(built / "clip_vision")
+    pixel_values = tiny.clip_pixel_values(script._read_stimuli(tree, heldout, 32), processor)
+    scores = tiny.clip_retrieval(
+        CLIPVisionModelWithProjection.from_pretrained(built / "clip_vision").eval(),
+        CLIPTextModelWithProjection.from_pretrained(built / "clip_text").eval(),
+        CLIPTokenizer.from_pretrained(built / "clip_text"),
+        pixel_values,
+        [captions[i] for i in heldout],
+    )
+    assert scores == pytest.approx({k: report[k] for k in scores}, abs=1e-4)
+
+
 # Library ---------------------------------------------------------------------------------------------
 
 
@@ -258,6 +324,57 @@ def test_builders_are_deterministic_and_leave_the_global_rng_alone():
         tiny.train_vae(vae, images, steps=3, batch_size=4, seed=0)
     for key, value in vaes[0].state_dict().items():
         assert torch.equal(value, vaes[1].state_dict()[key]), key
+
+
+def test_train_clip_is_deterministic_for_a_seed():
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    captions = [[f"a {c} circle.", f"one {c} shape."] for c in ("red", "green", "blue", "gray", "pink", "white")]
+    state = torch.random.get_rng_state()
+    runs = []
+    for _ in range(2):
+        vision, processor = tiny.build_clip_vision(seed=0)
+        text, tokenizer = tiny.build_clip_text(seed=0)
+        pixel_values = tiny.clip_pixel_values(images, processor)
+        report = tiny.train_clip(vision, text, tokenizer, pixel_values, captions, steps=3, batch_size=4, seed=0)
+        assert not vision.training and not text.training
+        assert set(report) == {"seconds", "final_loss", "logit_scale"}
+        runs.append({**vision.state_dict(), **{f"text.{k}": v for k, v in text.state_dict().items()}})
+    assert torch.equal(torch.random.get_rng_state(), state)
+    untrained = tiny.build_clip_vision(seed=0)[0].state_dict()
+    assert any(not torch.equal(v, runs[0][k]) for k, v in untrained.items()), "training changed nothing"
+    for key, value in runs[0].items():
+        assert torch.equal(value, runs[1][key]), key
+
+
+def test_clip_pixel_values_match_the_processor():
+    _, processor = tiny.build_clip_vision(image_size=32)
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    expected = processor(images=list(images), return_tensors="pt").pixel_values
+    assert torch.allclose(tiny.clip_pixel_values(images, processor), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="uint8"):
+        tiny.clip_pixel_values(images.astype(np.float32), processor)
+
+
+def test_clip_retrieval_counts_ties_for_the_first_index():
+    class Fixed(torch.nn.Module):  # embeddings looked up by the first pixel / the token after <|startoftext|>
+        def __init__(self, table, key):
+            super().__init__()
+            self.table, self.key = table, key
+
+        def forward(self, pixel_values=None, input_ids=None, attention_mask=None):
+            index = pixel_values[:, 0, 0, 0].long() if input_ids is None else input_ids[:, 1] - 320
+            return SimpleNamespace(**{self.key: self.table[index]})
+
+    _, tokenizer = tiny.build_clip_text()
+    pixel_values = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 2, 2)
+    captions = [["a"], ["a"], ["b"]]  # "a" = 320, "b" = 321: images 0 and 1 share a caption
+    image_table = torch.eye(3)[[0, 0, 1]]  # images 0 and 1 embed alike too, image 2 elsewhere
+    text_table = torch.eye(3)[[0, 1]]
+    scores = tiny.clip_retrieval(
+        Fixed(image_table, "image_embeds"), Fixed(text_table, "text_embeds"), tokenizer, pixel_values, captions
+    )
+    # image 1 ties between captions 0 and 1 (identical) -> caption 0: a miss; caption 1 ties images 0, 1 -> a miss.
+    assert scores == pytest.approx({"image_to_text_top1": 2 / 3, "text_to_image_top1": 2 / 3, "chance": 1 / 3})
 
 
 def test_built_weights_are_identical_for_the_same_seed(built):

@@ -4,19 +4,23 @@ Stages load them with `from_pretrained(<out>/<name>)` exactly as they load real 
   blip2/        Blip2ForConditionalGeneration + Blip2Processor (OPT byte-level BPE tokenizer)
   detr/         DetrForObjectDetection + DetrImageProcessor, id2label = the NSD tree's COCO categories
   clip_vision/  CLIPVisionModelWithProjection + CLIPImageProcessor
-  clip_text/    CLIPTextModelWithProjection + CLIPTokenizer (OpenAI's real 49408-token vocabulary)
+  clip_text/    CLIPTextModelWithProjection + CLIPTokenizer (OpenAI's real 49408-token vocabulary);
+                both towers trained together, contrastively, on the tree's (stimulus, COCO caption)
+                pairs (shared1000 images held out)
   vae/          AutoencoderKL, trained briefly on the tree's stimuli (shared1000 images held out)
   unclip/       StableUnCLIPImg2ImgPipeline built from clip_vision/, clip_text/'s tower and vae/
   llm/          LlamaForCausalLM + byte-level BPE tokenizer trained on the tree's COCO captions
                 (+ instruction sentences), with `<image>` and LLaVA v1's chat template
-  tiny_models.json (what each folder holds, parameter counts, VAE PixCorr) and run.json.
-Weights are random except the VAE's; the same settings give identical files. Built in a temporary
-sibling folder renamed onto --out at the end; a rerun with the same settings does nothing.
-The CLIP vocabulary comes from the open-clip-torch wheel (read, not imported).
+  tiny_models.json (what each folder holds, parameter counts, CLIP held-out retrieval, VAE PixCorr)
+  and run.json.
+Weights are random except the CLIP towers' and the VAE's; the same settings give identical files.
+Built in a temporary sibling folder renamed onto --out at the end; a rerun with the same settings
+does nothing. The CLIP vocabulary comes from the open-clip-torch wheel (read, not imported).
 
-  python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, ~50 s
-  python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40   # smoke
-On real NSD (COCO's varied captions fill the 4096-token vocabulary; the VAE sees 2048 NSD images):
+  python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, ~80 s
+  python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40 --clip-steps 40
+On real NSD (COCO's varied captions fill the 4096-token vocabulary; CLIP and the VAE each see 2048
+NSD images):
   python tools/make_tiny_models.py --out /data/tiny_models --nsd-root /data/nsd
 """
 
@@ -40,9 +44,10 @@ from llava_brain.layout import NsdTree
 log = logging.getLogger("make_tiny_models")
 MANIFEST = "tiny_models.json"
 # Bump when the builders change what they write, so that an old folder is not taken as up to date.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trained CLIP towers
 COCO_SPLITS = ("train2017", "val2017")
 HELDOUT_IMAGES = 64  # shared1000 images whose reconstructions the VAE is scored on
+CLIP_HELDOUT_IMAGES = 1000  # shared1000 images CLIP retrieval is scored on: all of them (mini-NSD: 100)
 PROJECTION_DIM = 32  # CLIP image/text embedding size (ViT-L/14: 768)
 
 
@@ -55,17 +60,29 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--nsd-root", type=Path, required=True,
         help="raw NSD tree (mini-NSD or real): COCO captions train the LLM tokenizer, stimuli train the VAE, "
-        "COCO instance categories name DETR's labels",
+        "(stimulus, caption) pairs train CLIP, COCO instance categories name DETR's labels",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="rebuild even if --out holds a complete set")
     # Models
-    p.add_argument("--seed", type=int, default=0, help="seed of every random initialisation and of VAE training")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of every random initialisation and of CLIP and VAE training"
+    )
     p.add_argument(
         "--image-size", type=int, default=64,
         help="pixels (square) of the VAE's training images and of unCLIP's output; latents are size/4 a side",
     )  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=4096, help="largest LLM/BLIP-2 BPE vocabulary (the corpus may "
                    "support fewer: mini-NSD's templated captions give ~600)")  # fmt: skip
+    # CLIP training
+    p.add_argument(
+        "--clip-steps", type=int, default=1000,
+        help="CLIP optimisation steps, batches of 64 (image, caption) pairs (default 1000: ~20-30 s on 2 CPU cores; "
+        "0 = leave both towers random)",
+    )  # fmt: skip
+    p.add_argument(
+        "--clip-images", type=int, default=2048,
+        help="most CLIP training images (32 px), spread evenly over the non-shared nsdIds (mini-NSD has 1600)",
+    )  # fmt: skip
     # VAE training
     p.add_argument(
         "--vae-steps", type=int, default=500,
@@ -86,23 +103,26 @@ def _settings(args) -> dict:
         "seed": args.seed,
         "image_size": args.image_size,
         "vocab_size": args.vocab_size,
+        "clip_steps": args.clip_steps,
+        "clip_images": args.clip_images,
         "vae_steps": args.vae_steps,
         "vae_images": args.vae_images,
     }
 
 
-def _read_captions(tree: NsdTree) -> list[str]:
+def _read_captions(tree: NsdTree) -> dict[int, list[str]]:
+    """COCO image id -> its captions, in file order, from every caption file of COCO_SPLITS present."""
     from llava_brain.nsd import CocoAnnotations
 
     paths = [tree.coco_annotations("captions", split) for split in COCO_SPLITS]
     present = [p for p in paths if p.is_file()]
     if not present:
         raise BadInputError(paths[0], "missing; expected COCO caption annotations (captions_{train,val}2017.json)")
-    texts = []
+    captions: dict[int, list[str]] = {}
     for path in present:
-        annotations = CocoAnnotations.load(path, "captions")
-        texts += [ann["caption"] for anns in annotations.by_image.values() for ann in anns]
-    return texts
+        for image_id, anns in CocoAnnotations.load(path, "captions").by_image.items():
+            captions.setdefault(int(image_id), []).extend(ann["caption"] for ann in anns)
+    return captions
 
 
 def _read_categories(tree: NsdTree) -> list[str]:
@@ -131,6 +151,11 @@ def _read_stimuli(tree: NsdTree, nsd_ids, size: int) -> np.ndarray:
         )
 
 
+def _spread(ids: np.ndarray, n: int) -> np.ndarray:
+    """At most n of `ids`, evenly spaced (all of them when there are no more than n)."""
+    return ids if ids.size <= n else ids[np.linspace(0, ids.size - 1, n).round().astype(int)]
+
+
 def _vae_split(tree: NsdTree, max_train: int) -> tuple[np.ndarray, np.ndarray]:
     """(train nsdIds, held-out nsdIds): held out are shared1000 images, the test images of every later stage."""
     from llava_brain.nsd import StimInfo
@@ -139,11 +164,23 @@ def _vae_split(tree: NsdTree, max_train: int) -> tuple[np.ndarray, np.ndarray]:
     shared, others = np.flatnonzero(info.shared1000), np.flatnonzero(~info.shared1000)
     if shared.size < 2 or others.size < 1:
         raise BadInputError(tree.stim_info, "expected >= 2 shared1000 images and >= 1 other image to train the VAE")
+    return _spread(others, max_train), _spread(shared, HELDOUT_IMAGES)
 
-    def spread(ids: np.ndarray, n: int) -> np.ndarray:
-        return ids if ids.size <= n else ids[np.linspace(0, ids.size - 1, n).round().astype(int)]
 
-    return spread(others, max_train), spread(shared, HELDOUT_IMAGES)
+def _clip_split(tree: NsdTree, captions: dict[int, list[str]], max_train: int):
+    """(train nsdIds, held-out nsdIds, captions of each nsdId): as `_vae_split`, among images with captions."""
+    from llava_brain.nsd import StimInfo
+
+    info = StimInfo.load(tree.stim_info)
+    by_nsd_id = {i: captions.get(int(coco_id), []) for i, coco_id in enumerate(info.coco_id)}
+    captioned = np.array([bool(by_nsd_id[i]) for i in range(len(info.coco_id))], dtype=bool)
+    shared = np.flatnonzero(info.shared1000 & captioned)
+    others = np.flatnonzero(~info.shared1000 & captioned)
+    if shared.size < 2 or others.size < 2:
+        raise BadInputError(
+            tree.stim_info, "expected >= 2 shared1000 and >= 2 other images with COCO captions to train CLIP"
+        )
+    return _spread(others, max_train), _spread(shared, CLIP_HELDOUT_IMAGES), by_nsd_id
 
 
 def _describe(model, **extra) -> dict:
@@ -180,12 +217,45 @@ def _build_vae(tree: NsdTree, args, staging: Path) -> tuple:
     return vae, report
 
 
+def _train_clip(tree: NsdTree, args, captions: dict[int, list[str]], vision, processor, text, tokenizer) -> dict:
+    """Train the CLIP towers in place on non-shared1000 (stimulus, caption) pairs (`--clip-steps` > 0) and
+    score image<->caption retrieval among the held-out shared1000 images; return the manifest's report."""
+    from llava_brain import tiny
+
+    train_ids, heldout_ids, by_nsd_id = _clip_split(tree, captions, args.clip_images)
+    size = vision.config.image_size
+    started = time.perf_counter()
+    train = tiny.clip_pixel_values(_read_stimuli(tree, train_ids, size), processor)
+    heldout = tiny.clip_pixel_values(_read_stimuli(tree, heldout_ids, size), processor)
+    report = {"train_images": len(train_ids), "heldout_images": len(heldout_ids), "image_size": size,
+              "steps": args.clip_steps, "read_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    if args.clip_steps > 0:
+        trained = tiny.train_clip(vision, text, tokenizer, train, [by_nsd_id[i] for i in train_ids],
+                                  steps=args.clip_steps, seed=args.seed, progress=not args.quiet)  # fmt: skip
+        report.update({k: round(v, 4) for k, v in trained.items()})
+    scores = tiny.clip_retrieval(vision, text, tokenizer, heldout, [by_nsd_id[i] for i in heldout_ids])
+    report.update({k: round(v, 4) for k, v in scores.items()})
+    _log_clip(report)
+    return report
+
+
+def _log_clip(report: dict) -> None:
+    log.info(
+        "CLIP on %d held-out shared1000 images: image->text top-1 %.3f, text->image %.3f (chance %.3f) "
+        "(%d steps, %.0f s)",
+        report["heldout_images"], report["image_to_text_top1"], report["text_to_image_top1"], report["chance"],
+        report["steps"], report.get("seconds", 0),
+    )  # fmt: skip
+
+
 def build_all(tree: NsdTree, args, staging: Path) -> dict:
-    """Write every model folder into `staging`; return the manifest's "models" and "vae" entries."""
+    """Write every model folder into `staging`; return the manifest's "models", "clip_training" and
+    "vae_training" entries."""
     from llava_brain import tiny
 
     models: dict[str, dict] = {}
-    captions = _read_captions(tree)
+    captions_by_coco_id = _read_captions(tree)
+    captions = [c for caps in captions_by_coco_id.values() for c in caps]
     bpe = tiny.train_byte_bpe([*captions, *tiny.INSTRUCTION_SENTENCES], vocab_size=args.vocab_size)
     corpus = {"captions": len(captions), "instruction_sentences": len(tiny.INSTRUCTION_SENTENCES)}
 
@@ -208,12 +278,13 @@ def build_all(tree: NsdTree, args, staging: Path) -> dict:
     models["detr"] = _describe(detr, processor=type(detr_processor).__name__, id2label=detr.config.id2label)
 
     clip_vision, clip_processor = tiny.build_clip_vision(projection_dim=PROJECTION_DIM, seed=args.seed)
+    clip_text, clip_tokenizer = tiny.build_clip_text(projection_dim=PROJECTION_DIM, seed=args.seed)
+    # Trained before anything is saved and before build_unclip, so every folder holds the trained towers.
+    clip_report = _train_clip(tree, args, captions_by_coco_id, clip_vision, clip_processor, clip_text, clip_tokenizer)
     clip_vision.save_pretrained(staging / "clip_vision")
     clip_processor.save_pretrained(staging / "clip_vision")
     models["clip_vision"] = _describe(clip_vision, processor=type(clip_processor).__name__,
                                       projection_dim=PROJECTION_DIM)  # fmt: skip
-
-    clip_text, clip_tokenizer = tiny.build_clip_text(projection_dim=PROJECTION_DIM, seed=args.seed)
     clip_text.save_pretrained(staging / "clip_text")
     clip_tokenizer.save_pretrained(staging / "clip_text")
     models["clip_text"] = _describe(clip_text, tokenizer=type(clip_tokenizer).__name__, vocab_size=len(clip_tokenizer))
@@ -228,7 +299,7 @@ def build_all(tree: NsdTree, args, staging: Path) -> dict:
     models["unclip"] = {"class": type(pipe).__name__,
                         "components": {name: type(c).__name__ for name, c in pipe.components.items()},
                         "unet_parameters": tiny.num_parameters(pipe.unet)}  # fmt: skip
-    return {"models": models, "vae_training": vae_report}
+    return {"models": models, "clip_training": clip_report, "vae_training": vae_report}
 
 
 def _require_same_settings(out: Path, settings: dict) -> None:
@@ -246,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     # Sanity checks: the VAE halves the image for most of its training and downsamples by 4.
     if args.image_size < 16 or args.image_size % 8:
         build_parser().error(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
-    if args.vae_steps < 0 or args.vae_images < 1 or args.vocab_size < 300:
-        build_parser().error(
-            "--vae-steps must be >= 0, --vae-images >= 1 and --vocab-size >= 300 (256 bytes + specials)"
-        )
+    if args.vae_steps < 0 or args.vae_images < 1 or args.clip_steps < 0 or args.clip_images < 2:
+        build_parser().error("--vae-steps and --clip-steps must be >= 0, --vae-images >= 1, --clip-images >= 2")
+    if args.vocab_size < 300:
+        build_parser().error("--vocab-size must be >= 300 (256 bytes + specials)")
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
@@ -259,7 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and not args.overwrite:
         _require_same_settings(out, settings)
         log.info("tiny models already complete at %s (same settings); nothing to do", out)
-        vae = read_json(out / MANIFEST, "the tiny models manifest").get("vae_training", {})
+        manifest = read_json(out / MANIFEST, "the tiny models manifest")
+        if "image_to_text_top1" in manifest.get("clip_training", {}):
+            _log_clip(manifest["clip_training"])
+        vae = manifest.get("vae_training", {})
         if "pixcorr" in vae:
             log.info("VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f",
                      vae["heldout_images"], vae["pixcorr"], vae["shuffled_pixcorr"])  # fmt: skip
