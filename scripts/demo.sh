@@ -45,8 +45,8 @@ python prepare_datasets/make_coco_annotations.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all
 
-echo "== 6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP, VAE trained on mini-NSD, unCLIP, Llama)"
-echo "   (prints the trained VAE's PixCorr on held-out images: reconstructions vs shuffled pairs)"
+echo "== 6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP and VAE trained on mini-NSD, unCLIP, Llama)"
+echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs)"
 python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \
@@ -110,8 +110,8 @@ python prepare_datasets/generate_sft_data.py \
 
 
 echo "== 12. ridge baseline: nsdgeneral voxels -> image targets, top-1 retrieval among the test images vs chance"
-echo "   (pixels: 8x8 contrast thumbnails; clip: the random tiny CLIP's embeddings, expected near chance)"
-for TARGET in pixels clip; do
+echo "   (clip: the tiny CLIP trained on mini-NSD in step 6; pixels: 8x8 contrast thumbnails)"
+for TARGET in clip pixels; do
   python tools/evaluate/ridge_baseline.py \
     --dataset-root "$DATASET_ROOT" \
     --subject all \
@@ -121,20 +121,27 @@ for TARGET in pixels clip; do
     --overwrite
 done
 
-echo "== 13. ViT3D pretraining, tiny configuration, all subjects in one model (issue 6: in progress;"
-echo "   with the random tiny CLIP targets its retrieval stays near chance - the run checks the pipeline)"
+echo "== 13. ViT3D pretraining, tiny configuration, all four subjects in one model (CLIP + VAE heads)"
 python pretrain_vit3d.py \
   --dataset-root "$DATASET_ROOT" \
   --out "$DEMO_DIR/runs/vit3d" \
   --subject all \
   --select-region nsdgeneral \
   --num-layers 2 \
-  --hidden-size 64 \
-  --num-heads 4 \
-  --head-hidden 128 \
+  --hidden-size 128 \
+  --num-heads 8 \
+  --head-hidden 256 \
   --patch-size 6 \
   --vae \
-  --epochs 2 \
-  --warmup-steps 10 \
+  --epochs 12 \
+  --batch-size 16 \
+  --lr 1e-3 \
+  --warmup-steps 50 \
   --num-workers 0 \
   --device cpu
+
+echo "== 14. the ViT3D beside the ridge baseline and chance (CLIP targets, top-1 brain -> image)"
+python tools/evaluate/retrieval_table.py \
+  --run ridge="$DEMO_DIR/runs/ridge/ridge_nsdgeneral" \
+  --run vit3d="$DEMO_DIR/runs/vit3d" \
+  --json "$DEMO_DIR/runs/retrieval_table.json"

@@ -82,14 +82,14 @@ def test_ridge_retrieves_far_above_chance(ridge, clip_root, capsys):
         assert result["num_test_images"] == NUM_TEST_IMAGES and result["num_test_single"] == NUM_TEST_IMAGES
         assert result["target_dim"] == DIM
         metrics = result["metrics"]
-        for kind in ("averaged", "single"):
+        for kind in ("avg", "single"):
             for key in ("top1_brain_to_image", "top1_image_to_brain", "mindeye300_brain_to_image",
                         "mindeye300_image_to_brain", "mse", "cosine", "chance"):  # fmt: skip
-                assert isinstance(metrics[f"{kind}_{key}"], float)
-            assert metrics[f"{kind}_chance"] == pytest.approx(1 / NUM_TEST_IMAGES)
-        assert metrics["averaged_top1_brain_to_image"] >= 0.8
-        assert metrics["single_top1_brain_to_image"] >= 0.4
-        assert metrics["averaged_cosine"] > metrics["single_cosine"] > 0.5
+                assert isinstance(metrics[f"{kind}/{key}"], float)
+            assert metrics[f"{kind}/chance"] == pytest.approx(1 / NUM_TEST_IMAGES)
+        assert metrics["avg/top1_brain_to_image"] >= 0.8
+        assert metrics["single/top1_brain_to_image"] >= 0.4
+        assert metrics["avg/cosine"] > metrics["single/cosine"] > 0.5
 
 
 def test_refuses_to_overwrite(ridge, clip_root, capsys):
@@ -122,4 +122,4 @@ def test_pixel_target_reads_thumbnails(ridge, tmp_path, capsys):
         Image.fromarray(image.repeat(2, 0).repeat(2, 1)).save(layout.image(nsd_id))
     assert ridge.main(["--dataset-root", str(layout.root), "--subject", "1", "--target", "pixels"]) == 0
     result = json.loads((layout.root / "runs/ridge/ridge_nsdgeneral_pixels_subj01/metrics.json").read_text())
-    assert result["target_dim"] == 192 and result["metrics"]["averaged_top1_brain_to_image"] >= 0.8
+    assert result["target_dim"] == 192 and result["metrics"]["avg/top1_brain_to_image"] >= 0.8

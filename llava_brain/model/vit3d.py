@@ -113,6 +113,7 @@ class ViT3DConfig(PretrainedConfig):
         active_patches: Sequence[int] | None = None,
         dense_attention: bool = False,
         initializer_range: float = 0.02,
+        position_init_std: float = 1.0,
         **kwargs,
     ):
         """
@@ -127,7 +128,13 @@ class ViT3DConfig(PretrainedConfig):
             (from `active_patch_indices`); None = every patch.
         dense_attention: embed and attend every patch of the padded grid, ignoring `active_patches` (the
             benchmark's baseline).
-        initializer_range: std of the normal init of linear weights, position embeddings and the CLS token.
+        initializer_range: std of the normal init of linear weights and the CLS token.
+        position_init_std: std of the normal init of the position embeddings. 1.0, not ViT's usual 0.02: in
+            fMRI a patch's place says what it codes (retinotopy, category areas), while its content is mostly
+            noise. Each block LayerNorms its tokens, so with tiny positions a token is normalised by its own
+            noisy content and loses both its amplitude and where it came from; with unit positions the content
+            is a small perturbation of a per-patch anchor and passes through almost linearly. On mini-NSD this
+            doubles the held-out retrieval at equal training (docs/vit3d.md).
         """
         self.grid = [int(n) for n in grid]
         self.patch_size = int(patch_size)
@@ -142,6 +149,7 @@ class ViT3DConfig(PretrainedConfig):
         self.active_patches = None if active_patches is None else [int(i) for i in active_patches]
         self.dense_attention = bool(dense_attention)
         self.initializer_range = float(initializer_range)
+        self.position_init_std = float(position_init_std)
         super().__init__(**kwargs)
         self._check()
 
@@ -246,7 +254,8 @@ class ViT3D(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, ViT3D):
-            init.trunc_normal_(module.pos_embed, std=std)
+            pos_std = self.config.position_init_std
+            init.trunc_normal_(module.pos_embed, std=pos_std, a=-2.0 * pos_std, b=2.0 * pos_std)  # cut at 2 sigma
             init.trunc_normal_(module.cls_token, std=std)
         elif isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std)

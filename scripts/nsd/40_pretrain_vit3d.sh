@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # ViT3D pretraining in the paper's configuration: one model for subjects 1, 2, 5, 7 (nsdgeneral),
 # 16 layers, width 768, patch 14, CLIP + VAE heads (loss MSE + 1/64 MSE), lr 5e-4, 30 epochs,
-# batch 32 (PAPER.md; ~8 h on one A100-80GB there), then the ridge baseline on the same test sets.
-# Resume a killed run with RESUME=--resume. Status: docs/vit3d.md.
+# batch 32 (PAPER.md; ~8 h on one A100-80GB there), then the ridge baseline on the same test sets and
+# both side by side. Position embeddings start at std 1.0 (our default; the paper does not say; ViT's 0.02
+# with --pos-init-std 0.02). Resume a killed run with RESUME=--resume. Status: docs/vit3d.md.
 set -euo pipefail
 
 DATASET_ROOT=${DATASET_ROOT:-/data/brain}
 OUT=${OUT:-runs/vit3d_nsdgeneral_p14}
 RESUME=${RESUME:-}
+RIDGE_OUT=${RIDGE_OUT:-runs/ridge}
 
 # shellcheck disable=SC2086  # RESUME is empty or one flag
 python pretrain_vit3d.py \
@@ -31,4 +33,11 @@ python tools/evaluate/ridge_baseline.py \
   --dataset-root "$DATASET_ROOT" \
   --subject 1 2 5 7 \
   --select-region nsdgeneral \
-  --target clip
+  --target clip \
+  --out "$RIDGE_OUT" \
+  --overwrite
+
+python tools/evaluate/retrieval_table.py \
+  --run ridge="$RIDGE_OUT/ridge_nsdgeneral" \
+  --run vit3d="$OUT" \
+  --json "$OUT/retrieval_table.json"

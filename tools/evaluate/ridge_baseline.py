@@ -221,7 +221,7 @@ def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace
 
     (avg_x, avg_ids), (single_x, single_ids) = _test_sets(x_te, val_ids, mapping["val_repeat"])
     metrics = {}
-    for name, x, ids in (("averaged_", avg_x, avg_ids), ("single_", single_x, single_ids)):
+    for name, x, ids in (("avg/", avg_x, avg_ids), ("single/", single_x, single_ids)):
         pred = x @ weights * y_std + y_mean  # back to the target's units
         metrics.update(retrieval_report(pred, embed[[row_of[int(n)] for n in ids]], prefix=name))
     return {
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         m = result["metrics"]
         print(
             f"{subject_name(subject)} {args.select_region} -> {args.target}: top-1 brain->image "
-            f"averaged {m['averaged_top1_brain_to_image']:.3f} (chance {m['averaged_chance']:.3f}), "
-            f"single-trial {m['single_top1_brain_to_image']:.3f} (chance {m['single_chance']:.3f}), "
+            f"averaged {m['avg/top1_brain_to_image']:.3f} (chance {m['avg/chance']:.3f}), "
+            f"single-trial {m['single/top1_brain_to_image']:.3f} (chance {m['single/chance']:.3f}), "
             f"alpha {result['alpha']:g}, {result['seconds']:.1f} s -> {folder / METRICS_FILE}"
         )
     return 0
