@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,22 @@ def check_model_folder(path: str, model_types: Sequence[str], what: str, subfold
     found = data.get("model_type") or data.get("_class_name")
     if found not in model_types:
         raise BadInputError(config, f"is a {found!r} model; expected {what} ({' or '.join(model_types)})")
+
+
+@contextmanager
+def loading_model(name: str | Path, what: str) -> Iterator[None]:
+    """Turn a model that cannot be loaded into one line naming it (exit 2), not a traceback.
+
+    from_pretrained raises OSError (or its subclasses) for a hub id that is neither cached nor reachable
+    (these machines are offline; HF_HUB_OFFLINE=1 makes that immediate), and for unreadable files.
+    """
+    try:
+        yield
+    except OSError as err:
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        offline = " (HF_HUB_OFFLINE is set: pass a local folder)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise BadInputError(Path(name), f"could not be loaded as {what}{offline}: {reason}") from None
 
 
 # Background image loading --------------------------------------------------------------------

@@ -32,6 +32,7 @@ from llava_brain.image_stage import (
     already_done,
     batch_seed,
     check_model_folder,
+    loading_model,
     make_accelerator,
     open_work_folder,
     plan_batches,
@@ -103,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator(args.device)
     dtype = DTYPES[args.dtype]
-    model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype).eval()
+    with loading_model(args.model, "a BLIP-2 model (Blip2ForConditionalGeneration)"):
+        model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype).eval()
+        processor = Blip2Processor.from_pretrained(args.model)
     model.to(accelerator.device)
-    processor = Blip2Processor.from_pretrained(args.model)
 
     work = open_work_folder(output, {**settings, "nsd_ids": nsd_ids}, accelerator, args.overwrite)
     parts = RecordParts(work, accelerator.process_index)

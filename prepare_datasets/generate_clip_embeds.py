@@ -38,6 +38,7 @@ from llava_brain.image_stage import (
     add_run_arguments,
     add_selection_arguments,
     check_model_folder,
+    loading_model,
     make_accelerator,
     open_work_folder,
     plan_batches,
@@ -103,9 +104,11 @@ def _load_vae(name: str, dtype):
     folder = Path(name)
     if (folder / "model_index.json").is_file() or not folder.exists():
         check_model_folder(name, ("AutoencoderKL",), "a Stable unCLIP pipeline with a VAE", subfolder="vae")
-        return AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype)
+        with loading_model(name, "a Stable unCLIP pipeline with a VAE"):
+            return AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=dtype)
     check_model_folder(name, ("AutoencoderKL",), "an AutoencoderKL")
-    return AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+    with loading_model(name, "an AutoencoderKL"):
+        return AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
 
 
 def _settings(args) -> dict:
@@ -146,9 +149,10 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator(args.device)
     dtype = DTYPES[args.dtype]
-    clip = CLIPVisionModelWithProjection.from_pretrained(args.clip_model, torch_dtype=dtype).eval()
+    with loading_model(args.clip_model, "a CLIP vision model with projection"):
+        clip = CLIPVisionModelWithProjection.from_pretrained(args.clip_model, torch_dtype=dtype).eval()
+        processor = CLIPImageProcessor.from_pretrained(args.clip_model)
     clip.to(accelerator.device)
-    processor = CLIPImageProcessor.from_pretrained(args.clip_model)
     vae = None if args.no_vae else _load_vae(args.vae_model, dtype).eval().to(accelerator.device)
 
     embed_dim = clip.config.projection_dim

@@ -31,6 +31,7 @@ from llava_brain.image_stage import (
     add_selection_arguments,
     already_done,
     check_model_folder,
+    loading_model,
     make_accelerator,
     open_work_folder,
     plan_batches,
@@ -98,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator(args.device)
     dtype = DTYPES[args.dtype]
-    model = DetrForObjectDetection.from_pretrained(args.model, torch_dtype=dtype).eval()
+    with loading_model(args.model, "a DETR model (DetrForObjectDetection)"):
+        model = DetrForObjectDetection.from_pretrained(args.model, torch_dtype=dtype).eval()
+        processor = DetrImageProcessor.from_pretrained(args.model)
     model.to(accelerator.device)
-    processor = DetrImageProcessor.from_pretrained(args.model)
     categories = {int(k): v for k, v in model.config.id2label.items() if v != "N/A"}  # COCO's unused ids are "N/A"
 
     work = open_work_folder(output, {**settings, "nsd_ids": nsd_ids}, accelerator, args.overwrite)

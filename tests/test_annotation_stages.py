@@ -541,6 +541,20 @@ def test_model_folder_of_the_wrong_class(stage, flag, folder, root, models, caps
 
 
 @pytest.mark.parametrize(
+    ("stage", "flag"),
+    [(CAPTIONS, "model"), (DETECTION, "model"), (EMBEDS, "clip-model"), (EMBEDS, "vae-model")],
+    ids=["captions", "detection", "clip", "vae"],
+)
+def test_hub_id_that_cannot_be_loaded_offline(stage, flag, root, models, capsys, monkeypatch):
+    # A hub id passes the folder check; offline and uncached, from_pretrained fails: one line, exit 2.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert run_stage(stage, root, models, **{flag: "nobody-here/no-such-model"}) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: nobody-here/no-such-model: could not be loaded as") and "local folder" in line
+    assert not any(p.exists() for p in stage.output_files(root))
+
+
+@pytest.mark.parametrize(
     ("stage", "override", "output"),
     [
         (CAPTIONS, {"num-captions": "2"}, "nsd_captions.json"),
