@@ -12,15 +12,16 @@ Writes under --out:
   metrics.json       one dict per epoch: train loss and retrieval of the CLIP head on the test images,
                      repeat-averaged (avg/...) and single-trial (single/...), per subject and averaged.
   final/             the trained model (`ViT3D.from_pretrained`; the config holds grid and active patches)
-  run.json
+  run.json           arguments, versions and the settings; written last, so it marks a finished run
+A rerun of a finished run with the same settings does nothing; --overwrite retrains from scratch.
 Multi-GPU: `accelerate launch --multi_gpu --num_processes N pretrain_vit3d.py ...` (--batch-size is per process).
 
 Full scale (paper: one A100-80GB, ~8 h):
   python pretrain_vit3d.py --dataset-root /data/brain --out runs/vit3d_p14 \\
       --num-layers 16 --patch-size 14 --subject all --select-region nsdgeneral --vae
-Tiny (mini-NSD demo root, CPU, about two minutes; top-1 ~0.08 against chance 0.01, see docs/vit3d.md):
+Tiny (mini-NSD demo root, CPU, about two minutes; top-1 0.12 against chance 0.01, see docs/vit3d.md):
   python pretrain_vit3d.py --dataset-root demo_out/root --out demo_out/vit3d --num-layers 2 --hidden-size 128 \\
-      --num-heads 8 --head-hidden 256 --patch-size 6 --epochs 12 --batch-size 16 --lr 1e-3 --warmup-steps 50 \\
+      --num-heads 8 --head-hidden 256 --patch-size 6 --epochs 16 --batch-size 16 --lr 1e-3 --warmup-steps 50 \\
       --num-workers 0 --device cpu
 """
 
@@ -60,6 +61,7 @@ from llava_brain.model.vit3d import ViT3D, ViT3DConfig, active_patch_indices
 
 log = logging.getLogger("pretrain_vit3d")
 CHECKPOINT, FINAL, METRICS, STATE = "checkpoint", "final", "metrics.json", "trainer_state.json"
+RUN_JSON = "run.json"  # written last: its presence beside final/ marks a finished run
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -97,6 +99,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="model init, data order and MixUp (default 0)")
     p.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (0: epoch ends)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint/")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete <out>'s checkpoint, final model and metrics and train from scratch (a finished "
+                   "run with the same settings is otherwise skipped; an unfinished one needs --resume or "
+                   "this)")  # fmt: skip
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per process")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto", help="auto: CUDA when present (bf16)")
     p.add_argument("--cache-gb", type=float, default=32.0,
@@ -245,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--hidden-size must be divisible by --num-heads")
     if args.save_every < 0 or args.warmup_steps < 0 or args.num_workers < 0:
         parser.error("--save-every, --warmup-steps and --num-workers must be 0 or more")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues a run, --overwrite starts it again: pass one of them")
     out = Path(args.out)
-    if args.resume and not (out / CHECKPOINT / STATE).is_file():
-        raise BadInputError(out / CHECKPOINT / STATE, "missing; --resume needs a checkpoint of an earlier run")
 
     layout = DatasetRoot(args.dataset_root)
     subjects = resolve_subjects(layout, args.subject)
@@ -260,6 +266,25 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = make_accelerator(args.device)
     world, rank = accelerator.num_processes, accelerator.process_index
+    if args.overwrite:
+        if accelerator.is_main_process:
+            for name in (CHECKPOINT, f"{CHECKPOINT}.partial", f"{CHECKPOINT}.old", FINAL, f"{FINAL}.partial"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in (METRICS, RUN_JSON):
+                (out / name).unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+    elif (out / RUN_JSON).is_file() and (out / FINAL / "model.safetensors").is_file():
+        previous = read_json(out / RUN_JSON, "run.json of a finished pretrain_vit3d.py run")
+        if previous.get("settings") != settings(args, world):
+            raise BadInputError(out / RUN_JSON, "belongs to a finished run with other settings; pass --overwrite "
+                                                "to retrain or choose another --out")  # fmt: skip
+        log.info("already trained with these settings: %s; nothing to do (--overwrite retrains)", out / FINAL)
+        return 0
+    elif (out / CHECKPOINT / STATE).is_file() and not args.resume:
+        raise BadInputError(out / CHECKPOINT / STATE, "an unfinished run is here; pass --resume to continue it "
+                                                      "or --overwrite to start over")  # fmt: skip
+    if args.resume and not (out / CHECKPOINT / STATE).is_file():
+        raise BadInputError(out / CHECKPOINT / STATE, "missing; --resume needs a checkpoint of an earlier run")
     torch.manual_seed(args.seed), np.random.seed(args.seed), random.seed(args.seed)  # noqa: NPY002
     train = FmriTrainSet(layout, subjects, grid, targets, mixup=args.mixup, seed=args.seed,
                          cache_bytes=args.cache_gb * 1e9)  # fmt: skip
@@ -365,9 +390,13 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint(epoch, position)
 
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / FINAL, safe_serialization=True)
-        write_run_json(out, args, subjects=subjects, grid=list(grid), active_patches=len(active),
-                       steps=step, world_size=world)  # fmt: skip
+        staging = out / f"{FINAL}.partial"  # renamed into place whole: a kill never leaves half a final model
+        shutil.rmtree(staging, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(staging, safe_serialization=True)
+        shutil.rmtree(out / FINAL, ignore_errors=True)
+        staging.rename(out / FINAL)
+        write_run_json(out, args, settings=settings(args, world), subjects=subjects, grid=list(grid),
+                       active_patches=len(active), steps=step, world_size=world)  # fmt: skip
         log.info("final model -> %s", out / FINAL)
     accelerator.wait_for_everyone()
     return 0

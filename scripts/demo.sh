@@ -133,7 +133,7 @@ python pretrain_vit3d.py \
   --head-hidden 256 \
   --patch-size 6 \
   --vae \
-  --epochs 12 \
+  --epochs 16 \
   --batch-size 16 \
   --lr 1e-3 \
   --warmup-steps 50 \

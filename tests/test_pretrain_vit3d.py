@@ -221,3 +221,47 @@ def test_mixup_in_the_dataset(root):
             np.testing.assert_array_equal(item["clip"].numpy(), targets.clip_of([data.nsd_ids[i]])[0])
         assert data.mix_of(i) == (partner, lam)  # deterministic per (seed, epoch, index)
     assert seen_mixed > 0
+
+
+def test_rerun_skips_a_finished_run_and_overwrite_retrains(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--dataset-root", str(root), "--out", str(out), *TINY, "--subject", "1", "--no-vae", "--epochs", "1",
+            "--batch-size", "96", "--warmup-steps", "2", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+    assert pretrain.main(argv) == 0
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["settings"]["epochs"] == 1 and not (out / "final.partial").exists()
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    stamp = (out / "final" / "model.safetensors").stat().st_mtime_ns
+
+    assert pretrain.main(argv) == 0  # same settings: nothing to do
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    capsys.readouterr()
+    assert pretrain.main([*argv, "--lr", "1e-4"]) == 2  # other settings: refused, nothing touched
+    line = capsys.readouterr().err.strip()
+    assert str(out / "run.json") in line and "--overwrite" in line
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == stamp
+
+    assert pretrain.main([*argv, "--lr", "1e-4", "--overwrite"]) == 0
+    assert json.loads((out / "run.json").read_text())["settings"]["lr"] == 1e-4
+    assert (out / "final" / "model.safetensors").read_bytes() != weights
+    assert [m["epoch"] for m in json.loads((out / "metrics.json").read_text())] == [1]
+
+
+def test_unfinished_run_needs_resume_or_overwrite(root, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--dataset-root", str(root), "--out", str(out), *TINY, "--subject", "1", "--no-vae", "--epochs", "2",
+            "--batch-size", "96", "--warmup-steps", "2", "--num-workers", "0", "--device", "cpu"]  # fmt: skip
+    assert pretrain.main(argv) == 0
+    # As if killed after the last epoch's checkpoint, before the final model and run.json were written.
+    shutil.rmtree(out / "final")
+    (out / "run.json").unlink()
+    capsys.readouterr()
+    assert pretrain.main(argv) == 2
+    line = capsys.readouterr().err.strip()
+    assert str(out / "checkpoint" / "trainer_state.json") in line and "--resume" in line
+    assert pretrain.main([*argv, "--resume"]) == 0  # nothing left to train: writes the final model
+    assert (out / "final" / "model.safetensors").is_file() and (out / "run.json").is_file()
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main([*argv, "--resume", "--overwrite"])
+    assert exc.value.code == 2
