@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,7 +145,10 @@ def loading_model(name: str | Path, what: str) -> Iterator[None]:
     (these machines are offline; HF_HUB_OFFLINE=1 makes that immediate), and for unreadable files.
     """
     try:
-        yield
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub a deprecated argument on every hub lookup: noise, not news.
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            yield
     except OSError as err:
         lines = str(err).strip().splitlines()
         reason = lines[0] if lines else type(err).__name__
