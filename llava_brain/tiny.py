@@ -399,17 +399,6 @@ def _tokenize(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), truncation=True).input_ids
 
 
-def _collate(ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (n, longest) `input_ids` and `attention_mask`, as `tokenizer(..., padding=True)` gives."""
-    longest = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
-        attention_mask[row, : len(x)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
 def _unit_image_embeds(vision, pixel_values: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(vision(pixel_values=pixel_values).image_embeds, dim=-1)
 
@@ -478,7 +467,8 @@ def train_clip(
             images = rng.choice(len(captions), batch_size, replace=False)
             picks = starts[images] + rng.integers(counts[images])
             image_embeds = _unit_image_embeds(vision, pixel_values[torch.from_numpy(images)])
-            text_embeds = _unit_text_embeds(text, _collate([flat_ids[i] for i in picks], tokenizer.pad_token_id))
+            batch = tokenizer.pad({"input_ids": [flat_ids[i] for i in picks]}, return_tensors="pt")
+            text_embeds = _unit_text_embeds(text, batch)
             logits = image_embeds @ text_embeds.T * log_scale.exp().clamp(max=100.0)
             loss = (
                 torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
@@ -503,25 +493,27 @@ def clip_retrieval(
     """Top-1 retrieval between n images and their first captions by cosine similarity of CLIP embeddings.
 
     image_to_text_top1: fraction of images whose most similar caption (among the n first captions) is their
-    own; text_to_image_top1 the reverse; chance 1/n. A tie goes to the lower index (so identical captions
-    of two images count for the first only). pixel_values: (n, 3, S, S) from `clip_pixel_values`; captions:
-    n caption lists, as for `train_clip`. Call it on held-out images with the towers in eval mode.
+    own; text_to_image_top1 the reverse; chance 1/n (`evaluation.top1_retrieval`: a tie goes to the lower
+    index, so identical captions of two images count for the first only). pixel_values: (n, 3, S, S) from
+    `clip_pixel_values`; captions: n caption lists, as for `train_clip`. Call it on held-out images with the
+    towers in eval mode.
     """
     n = len(pixel_values)
     if n != len(captions) or n < 2:
         raise ValueError(f"need >= 2 images with one caption list each, got {n} and {len(captions)}")
+    from llava_brain.evaluation import top1_retrieval
+
     ids = _tokenize(tokenizer, [caps[0] for caps in captions])
     image_embeds = torch.cat([_unit_image_embeds(vision, chunk) for chunk in pixel_values.split(batch_size)])
-    pad = tokenizer.pad_token_id
     text_embeds = torch.cat(
-        [_unit_text_embeds(text, _collate(ids[i : i + batch_size], pad)) for i in range(0, n, batch_size)]
-    )
-    similarity = image_embeds @ text_embeds.T  # (images, texts)
-    truth = torch.arange(n)
+        [_unit_text_embeds(text, tokenizer.pad({"input_ids": ids[i : i + batch_size]}, return_tensors="pt"))
+         for i in range(0, n, batch_size)]
+    )  # fmt: skip
+    top1 = top1_retrieval(image_embeds, text_embeds)  # rows: images (the "brain" side), columns: captions
     return {
-        "image_to_text_top1": float((similarity.argmax(1) == truth).float().mean()),
-        "text_to_image_top1": float((similarity.argmax(0) == truth).float().mean()),
-        "chance": 1.0 / n,
+        "image_to_text_top1": top1["brain_to_image"],
+        "text_to_image_top1": top1["image_to_brain"],
+        "chance": top1["chance"],
     }
 
 
