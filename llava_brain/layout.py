@@ -137,8 +137,13 @@ class DatasetRoot:
         return self.root / "nsd"
 
     # fMRI
+    @property
+    def fmris_dir(self) -> Path:
+        """Holds one `subjXX/` folder per prepared subject."""
+        return self.nsd / "fmris"
+
     def fmri_dir(self, subject: int) -> Path:
-        return self.nsd / "fmris" / subject_name(subject)
+        return self.fmris_dir / subject_name(subject)
 
     def area_betas(self, subject: int, area: str, split: str) -> Path:
         """(samples, voxels) float32 z-scored betas of one area; split 'tr' or 'te'."""

@@ -1,0 +1,157 @@
+"""Subjects and splits: which subjects a dataset holds, how `--subject` resolves, what the splits are called.
+
+Splits. NSD has no validation split: every trial of one of the 1,000 images all subjects saw
+("shared1000") is a **test** trial, every other trial is a training trial. The prepared dataset root
+keeps the seed's two spellings of that one distinction, and this module is where they meet:
+
+    file suffix   nsd_fmri2image.json key   meaning
+    "tr"          "train" (+ "train_repeat", "train_trial")   training trials
+    "te"          "val"   (+ "val_repeat",   "val_trial")     NSD's shared-1000 test trials
+
+"val" is the name LLaVA-style code expects for its held-out split; here it is the test set.
+
+Subjects. `--subject` takes NSD subject numbers or the word `all`. What `all` means and which
+numbers are valid depends on where the subjects come from (a raw NSD tree, the stimulus CSV, a
+prepared root): each script names that source once, and `resolve_subjects` turns the request into
+a sorted list of subject numbers, or stops with one line naming the folder and what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_brain.errors import BadInputError
+from llava_brain.io import read_json
+from llava_brain.layout import DatasetRoot, subject_name
+from llava_brain.nsd.constants import NUM_SUBJECTS
+
+SPLITS = ("tr", "te")
+TRAIN, TEST = SPLITS
+# file suffix -> key of nsd_fmri2image.json
+SPLIT_KEYS = {"tr": "train", "te": "val"}
+SPLIT_NAMES = {"tr": "train", "te": "test (NSD shared-1000)"}
+ALL = "all"
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'tr' (train) or 'te' (test, NSD's shared-1000), got {split!r}")
+    return split
+
+
+def split_key(split: str, field: str = "") -> str:
+    """Key of `nsd_fmri2image.json` for a split: ("te") -> "val", ("te", "repeat") -> "val_repeat"."""
+    key = SPLIT_KEYS[check_split(split)]
+    return f"{key}_{field}" if field else key
+
+
+# --subject ------------------------------------------------------------------------------------
+
+
+def subject_arg(text: str) -> int | str:
+    """argparse type of one `--subject` value: a subject number 1..8 or 'all' (checked against data later)."""
+    if text.lower() == ALL:
+        return ALL
+    try:
+        subject = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a subject number 1..{NUM_SUBJECTS} or 'all', got {text!r}") from None
+    if not 1 <= subject <= NUM_SUBJECTS:
+        raise argparse.ArgumentTypeError(f"subject must be in 1..{NUM_SUBJECTS}, got {subject}")
+    return subject
+
+
+def resolve_subjects(requested: Sequence[int | str], available: Iterable[int], where: Path, what: str) -> list[int]:
+    """Sorted subject numbers of a `--subject` request; 'all' = every available subject.
+
+    `available` are the subjects the data holds, `where` the file or folder that says so and `what`
+    how a subject gets there (e.g. "prepared subjects (make_subjmri.py)"). A subject that is not
+    available, or an empty 'all', is a BadInputError naming `where`.
+    """
+    available = sorted({int(s) for s in available})
+    requested = list(requested)
+    if any(r == ALL for r in requested):
+        if len(requested) > 1:
+            raise BadInputError(where, f"--subject all cannot be combined with subject numbers, got {requested}")
+        if not available:
+            raise BadInputError(where, f"holds no {what}")
+        return available
+    chosen = sorted({int(r) for r in requested})
+    missing = [s for s in chosen if s not in available]
+    if missing:
+        found = ", ".join(subject_name(s) for s in available) or "none"
+        raise BadInputError(where, f"has no {subject_name(missing[0])} among its {what} (found: {found})")
+    return chosen
+
+
+def prepared_subjects(layout: DatasetRoot) -> list[int]:
+    """Subjects of a prepared root: those with `fmris/subjXX/nsd_fmri2image.json` (make_subjmri.py)."""
+    folder = layout.fmris_dir
+    if not folder.is_dir():
+        return []
+    found = [int(p.name[4:]) for p in folder.glob("subj[0-9][0-9]") if p.name[4:].isdigit()]
+    return sorted(s for s in found if layout.fmri2image(s).is_file())
+
+
+def resolve_prepared(layout: DatasetRoot, requested: Sequence[int | str]) -> list[int]:
+    return resolve_subjects(requested, prepared_subjects(layout), layout.fmris_dir, "prepared subjects (make_subjmri.py)")
+
+
+# nsd_fmri2image.json ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """The image, repeat and trial of every sample of one subject's split, in sample (= array row) order."""
+
+    subject: int
+    split: str
+    nsd_ids: np.ndarray  # (samples,) int64, 0-based nsdId
+    repeats: np.ndarray  # (samples,) int64, 0 = first presentation of the image to this subject
+    trials: np.ndarray | None  # (samples,) int64 global trial number, when recorded
+
+    def __len__(self) -> int:
+        return len(self.nsd_ids)
+
+
+def read_fmri2image(layout: DatasetRoot, subject: int) -> dict:
+    path = layout.fmri2image(subject)
+    mapping = read_json(path, "nsd_fmri2image.json of a prepared subject (make_subjmri.py)")
+    if not isinstance(mapping, dict) or any(not isinstance(mapping.get(SPLIT_KEYS[s]), list) for s in SPLITS):
+        raise BadInputError(path, 'expected an object with "train" and "val" lists of nsdIds')
+    return mapping
+
+
+def sample_index(layout: DatasetRoot, subject: int, split: str, mapping: dict | None = None) -> SampleIndex:
+    """The validated sample index of one split; `mapping` avoids re-reading the file for the second split."""
+    path = layout.fmri2image(subject)
+    mapping = read_fmri2image(layout, subject) if mapping is None else mapping
+    ids = mapping[split_key(split)]
+    repeats = mapping.get(split_key(split, "repeat"))
+    trials = mapping.get(split_key(split, "trial"))
+    for name, values in ((split_key(split, "repeat"), repeats), (split_key(split, "trial"), trials)):
+        if values is not None and (not isinstance(values, list) or len(values) != len(ids)):
+            raise BadInputError(path, f'"{name}" must be a list as long as "{split_key(split)}" ({len(ids)})')
+    if repeats is None:
+        raise BadInputError(path, f'missing "{split_key(split, "repeat")}" (rerun make_subjmri.py)')
+    return SampleIndex(
+        subject=subject,
+        split=split,
+        nsd_ids=np.asarray(ids, dtype=np.int64),
+        repeats=np.asarray(repeats, dtype=np.int64),
+        trials=None if trials is None else np.asarray(trials, dtype=np.int64),
+    )
+
+
+def images_of(layout: DatasetRoot, subjects: Sequence[int]) -> list[int]:
+    """Sorted nsdIds of every image (train and test) some of `subjects` saw."""
+    ids: set[int] = set()
+    for subject in subjects:
+        mapping = read_fmri2image(layout, subject)
+        ids.update(int(i) for split in SPLITS for i in mapping[split_key(split)])
+    return sorted(ids)
