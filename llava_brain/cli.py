@@ -63,7 +63,8 @@ def add_subject(
 
 
 def add_num_workers(p, *, default: int, what: str = "DataLoader worker processes") -> None:
-    p.add_argument("--num-workers", type=int, default=default, help=f"{what} (0 = in the main process; default {default})")
+    help = f"{what} (0 = in the main process; default {default})"
+    p.add_argument("--num-workers", type=int, default=default, help=help)
 
 
 def add_device(p, *, default: str = "auto") -> None:

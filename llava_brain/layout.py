@@ -224,15 +224,51 @@ class DatasetRoot:
         """Settings, input fingerprints and counts of the SFT files (written last: marks them complete)."""
         return self.nsd / "sft_data_run.json"
 
+    # Per-image embeddings (generate_clip_embeds.py): rows in the order of the folder's index.json
     @property
     def vision_embeds_dir(self) -> Path:
         return self.nsd / "vision_embeds"
 
     @property
+    def clip_embeds(self) -> Path:
+        """(images, D) float32 CLIP image embeddings (the projected, pooled output)."""
+        return self.vision_embeds_dir / "clip_image_embeds.npy"
+
+    @property
+    def clip_tokens(self) -> Path:
+        """(images, tokens, width) float16 last hidden states of the CLIP vision tower (--tokens)."""
+        return self.vision_embeds_dir / "clip_tokens.npy"
+
+    @property
+    def clip_index(self) -> Path:
+        """{"nsd_ids": [...], ...}: the nsdId of every row of the CLIP arrays, and how they were made."""
+        return self.vision_embeds_dir / "index.json"
+
+    @property
     def vae_embeds_dir(self) -> Path:
         return self.nsd / "vae_embeds"
 
+    @property
+    def vae_latents(self) -> Path:
+        """(images, C, H, W) float32 VAE latent means, scaled by the VAE's scaling_factor."""
+        return self.vae_embeds_dir / "vae_latents.npy"
+
+    @property
+    def vae_index(self) -> Path:
+        return self.vae_embeds_dir / "index.json"
+
+    # Runs (trained models, baselines, predictions): <root>/runs/<stage>/<name>
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def run_dir(self, stage: str, name: str | None = None) -> Path:
+        """Default output folder of a training or evaluation stage, e.g. run_dir("vit3d") -> <root>/runs/vit3d."""
+        folder = self.runs_dir / stage
+        return folder / name if name else folder
+
 
 def _check_split(split: str) -> None:
+    # The split names and their meaning live in llava_brain.subjects (which imports this module).
     if split not in ("tr", "te"):
-        raise ValueError(f"split must be 'tr' (train) or 'te' (test), got {split!r}")
+        raise ValueError(f"split must be 'tr' (train) or 'te' (test, NSD's shared-1000), got {split!r}")

@@ -60,7 +60,8 @@ def subject_arg(text: str) -> int | str:
     try:
         subject = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a subject number 1..{NUM_SUBJECTS} or 'all', got {text!r}") from None
+        expected = f"expected a subject number 1..{NUM_SUBJECTS} or 'all'"
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
     if not 1 <= subject <= NUM_SUBJECTS:
         raise argparse.ArgumentTypeError(f"subject must be in 1..{NUM_SUBJECTS}, got {subject}")
     return subject
@@ -99,7 +100,8 @@ def prepared_subjects(layout: DatasetRoot) -> list[int]:
 
 
 def resolve_prepared(layout: DatasetRoot, requested: Sequence[int | str]) -> list[int]:
-    return resolve_subjects(requested, prepared_subjects(layout), layout.fmris_dir, "prepared subjects (make_subjmri.py)")
+    what = "prepared subjects (make_subjmri.py)"
+    return resolve_subjects(requested, prepared_subjects(layout), layout.fmris_dir, what)
 
 
 # nsd_fmri2image.json ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import llava_brain.io as lbio
+import llava_brain.io.files as lbio_files
+import llava_brain.io.provenance as lbio_provenance
 from llava_brain.errors import BadInputError
 from llava_brain.io import JsonlStore, atomic_path, git_sha, save_npy, write_json, write_run_json
 
@@ -137,10 +138,10 @@ def test_save_npy_failure_mid_write_keeps_old_array_and_removes_temp(tmp_path, m
         f.write(b"\x93NUMPY partial header")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(lbio.np, "save", failing_save)
+    monkeypatch.setattr(lbio_files.np, "save", failing_save)
     with pytest.raises(OSError):
         save_npy(final, np.zeros(1000))
-    monkeypatch.setattr(lbio.np, "save", real_save)
+    monkeypatch.setattr(lbio_files.np, "save", real_save)
     np.testing.assert_array_equal(np.load(final), [1, 2, 3])
     assert temp_leftovers(tmp_path, final.name) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["arr.npy"]
@@ -283,7 +284,7 @@ def test_jsonl_compact_without_key_keeps_order(tmp_path):
 
 
 def test_write_run_json_records_arguments_versions_and_git_sha(tmp_path, monkeypatch):
-    monkeypatch.setattr(lbio, "git_sha", lambda repo_dir=None: "0123abc-dirty")
+    monkeypatch.setattr(lbio_provenance, "git_sha", lambda repo_dir=None: "0123abc-dirty")
     parser = argparse.ArgumentParser()
     parser.add_argument("--dataset-root", type=Path)
     parser.add_argument("--subject", type=int, default=1)
@@ -305,7 +306,7 @@ def test_write_run_json_records_arguments_versions_and_git_sha(tmp_path, monkeyp
 
 
 def test_write_run_json_accepts_a_plain_dict(tmp_path, monkeypatch):
-    monkeypatch.setattr(lbio, "git_sha", lambda repo_dir=None: "unknown")
+    monkeypatch.setattr(lbio_provenance, "git_sha", lambda repo_dir=None: "unknown")
     out = write_run_json(tmp_path, {"subject": 2})
     manifest = json.loads(out.read_text())
     assert manifest["arguments"] == {"subject": 2}

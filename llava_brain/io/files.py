@@ -15,6 +15,7 @@ import numpy as np
 
 from llava_brain.errors import BadInputError
 
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -94,7 +95,9 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
     """
     path = Path(path)
     suffix = "".join(path.suffixes)
-    stale = sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp{glob_escape(suffix)}")) if path.parent.is_dir() else []
+    if not path.parent.is_dir():
+        return []
+    stale = sorted(path.parent.glob(f".{glob_escape(path.name)}.*.tmp{glob_escape(suffix)}"))
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

@@ -12,6 +12,7 @@ from typing import Any
 from llava_brain.errors import BadInputError
 from llava_brain.io.files import _json_default, remove_stale_temps, write_text
 
+
 class JsonlStore:
     """Append-only JSON-lines file that survives a kill mid-write.
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from llava_brain.errors import BadInputError
 
+
 class NpyRows:
     """A `.npy` file of known shape, written and read by blocks of rows at any position.
 

@@ -82,7 +82,9 @@ def manifest_of(output: str | Path) -> Path:
     """Where an output's provenance lives: `<folder>/run.json` for a folder (a name without a suffix),
     `<file>.run.json` beside a file."""
     output = Path(output)
-    return output / RUN_MANIFEST if not output.suffix else output.with_name(f"{output.name}.{RUN_MANIFEST}")
+    if output.is_dir() or not output.suffix:
+        return output / RUN_MANIFEST
+    return output.with_name(f"{output.name}.{RUN_MANIFEST}")
 
 
 def fingerprint(path: str | Path) -> dict[str, Any]:
@@ -131,7 +133,9 @@ class StageRun:
         return [fingerprint(p) for p in paths]
 
     def previous(self) -> dict[str, Any] | None:
-        return read_json(self.manifest, "the provenance (run.json) of a stage output") if self.manifest.is_file() else None
+        if not self.manifest.is_file():
+            return None
+        return read_json(self.manifest, "the provenance (run.json) of a stage output")
 
     def changes(self, previous: dict[str, Any]) -> list[str]:
         """What differs from an earlier run's provenance, as short phrases (empty: nothing)."""
@@ -164,8 +168,12 @@ class StageRun:
         return not complete
 
     def finish(self, args: Any, into: str | Path | None = None, **extra: Any) -> Path:
-        """Write the provenance (atomically, last); `into` is a staging folder about to become the output."""
-        manifest = manifest_of(into) if into is not None else self.manifest
+        """Write the provenance (atomically, last). `into`: the staging folder that is about to become the
+        output folder (or that holds the output file), so the provenance is swapped in with it."""
+        manifest = self.manifest
+        if into is not None:
+            inside = self.manifest.parent == self.output
+            manifest = Path(into) / (RUN_MANIFEST if inside else self.manifest.name)
         return write_json(manifest, run_manifest(args, settings=self.settings, inputs=self.inputs, **extra))
 
 
