@@ -2,8 +2,8 @@
 
 Two trees:
 - `NsdTree`: the raw Natural Scenes Dataset as downloaded (or as written by mini-NSD), see
-  `docs/mini_nsd.md` and NSD_FORMATS.md §1.
-- `DatasetRoot`: the prepared dataset root every later stage reads and writes (DESIGN.md,
+  `docs/mini_nsd.md` and docs/nsd_formats.md §1.
+- `DatasetRoot`: the prepared dataset root every later stage reads and writes (docs/design.md,
   "The dataset root").
 """
 
@@ -205,24 +205,17 @@ class DatasetRoot:
         return self.nsd / "nsd_coco_instances.json"
 
     def gpt_conversation(self, prompt_type: str) -> Path:
+        """One JSON line per image (generate_conversation.py); provenance: `io.manifest_of` of it."""
         return self.nsd / "nsd_gpt_conversation" / f"{prompt_type}.jsonl"
-
-    def gpt_conversation_run(self, prompt_type: str) -> Path:
-        """Provenance of a conversation file: arguments, prompt fingerprint, API counts, tokens, cost."""
-        return self.nsd / "nsd_gpt_conversation" / f"{prompt_type}.run.json"
 
     def gpt_conversation_lock(self, prompt_type: str) -> Path:
         """Held while a run appends to the conversation file, so two runs never write it at once."""
         return self.nsd / "nsd_gpt_conversation" / f".{prompt_type}.jsonl.lock"
 
     def sft_data(self, split: str) -> Path:
+        """LLaVA SFT records of one split; one provenance for both splits: `io.manifest_of(sft_data("tr"))`."""
         _check_split(split)
         return self.nsd / f"sft_data_{split}.json"
-
-    @property
-    def sft_data_run(self) -> Path:
-        """Settings, input fingerprints and counts of the SFT files (written last: marks them complete)."""
-        return self.nsd / "sft_data_run.json"
 
     # Per-image embeddings (generate_clip_embeds.py): rows in the order of the folder's index.json
     @property
@@ -266,6 +259,21 @@ class DatasetRoot:
         """Default output folder of a training or evaluation stage, e.g. run_dir("vit3d") -> <root>/runs/vit3d."""
         folder = self.runs_dir / stage
         return folder / name if name else folder
+
+    # Ridge baseline (tools/evaluate/ridge_baseline.py) under <out> (default run_dir("ridge")):
+    # ridge_<area>[_<target>]_subjXX per subject and ridge_<area>[_<target>] the run's summary; that
+    # name is also the prefix retrieval_table.py reads. Target "clip" adds no suffix.
+    def ridge_run(self, area: str, target: str = "clip", subject: int | None = None, out: Path | None = None) -> Path:
+        folder = self.run_dir("ridge") if out is None else Path(out)
+        name = f"ridge_{area}" if target == "clip" else f"ridge_{area}_{target}"
+        return folder / (name if subject is None else f"{name}_{subject_name(subject)}")
+
+    @staticmethod
+    def ridge_subject_runs(prefix: str | Path) -> dict[int, Path]:
+        """{subject: folder} of the per-subject folders `<prefix>_subjXX` of a ridge run, ascending."""
+        prefix = Path(prefix)
+        folders = prefix.parent.glob(f"{prefix.name}_subj[0-9][0-9]") if prefix.parent.is_dir() else ()
+        return dict(sorted((int(p.name[-2:]), p) for p in folders if p.is_dir()))
 
 
 def _check_split(split: str) -> None:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from llava_brain.evaluation.report import comparison_table, load_run
+from llava_brain.layout import DatasetRoot
 
 from conftest import load_script
 
@@ -72,3 +73,25 @@ def test_run_must_be_name_equals_path(capsys):
     with pytest.raises(SystemExit) as exc:
         table.main(["--run", "no-equals-sign"])
     assert exc.value.code == 2 and "NAME=PATH" in capsys.readouterr().err
+
+
+def test_ridge_run_named_by_the_layout_is_read(tmp_path):
+    layout = DatasetRoot(tmp_path / "root")
+    for subject in (2, 5):
+        folder = layout.ridge_run("streams", "pixels", subject)
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"subject": subject, "metrics": _metrics(0.1 * subject)}))
+    layout.ridge_run("streams", "pixels").mkdir()  # the run's summary folder holds no metrics.json
+    run = load_run(layout.ridge_run("streams", "pixels"))
+    assert sorted(run) == ["subj02", "subj05"] and run["subj05"]["avg/top1_brain_to_image"] == 0.5
+
+
+def test_unwritable_json_exits_2_before_reading(tmp_path, capsys):
+    table = load_script("tools/evaluate/retrieval_table.py")
+    run = _vit3d_run(tmp_path / "vit3d", [{"epoch": 1, "subj01/avg/top1_brain_to_image": 0.3}])
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert table.main(["--run", f"x={run}", "--json", str(blocker / "table.json")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
+    assert str(blocker / "table.json") in captured.err and "cannot be written" in captured.err

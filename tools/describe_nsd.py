@@ -5,7 +5,12 @@ Prints, per subject: volume grid, sessions and trials on disk, train/test trials
 training trials of `nsdgeneral` to an 8x8 pixel embedding and reports top-1 retrieval of the test
 images (repeat-averaged and first trial) next to chance, plus the median empirical noise-ceiling SNR.
 
-  python tools/describe_nsd.py --nsd-root /data/nsd                 # real NSD: reads headers only
+"Test" is NSD's shared-1000 set; there is no separate validation split. `--subject` takes subject numbers
+or 'all' (default: every subject with a betas folder); one the tree lacks stops it with one line.
+
+Full scale (real NSD: reads headers only):
+  python tools/describe_nsd.py --nsd-root /data/nsd --subject 1 2 5 7 --json runs/nsd/nsd_summary.json
+Tiny (mini-NSD, with the decodability check):
   python tools/describe_nsd.py --nsd-root demo_out/mini_nsd --ridge-check
 """
 
@@ -17,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_brain import cli
 from llava_brain.errors import exits_on_bad_input
-from llava_brain.layout import NsdTree
+from llava_brain.io import require_writable, write_json
+from llava_brain.layout import NsdTree, subject_name
 from llava_brain.nsd import BetaSession, ExpDesign, NsdStimuli, StimInfo, area_masks, available_atlases
 
 
@@ -29,9 +36,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--nsd-root", type=Path, required=True, help="root of the raw NSD tree (holds nsddata/, nsddata_betas/)"
     )
-    p.add_argument(
-        "--subjects", type=int, nargs="*", default=None, help="subjects to describe (default: all with betas)"
-    )
+    cli.add_subject(p, source=cli.nsd_source, help="subjects to describe, or 'all' (default: every subject with betas)")
     p.add_argument("--ridge-check", action="store_true", help="also run the ridge retrieval check (reads all betas)")
     p.add_argument("--alpha", type=float, default=300.0, help="ridge penalty of --ridge-check")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON to this file")
@@ -66,13 +71,14 @@ def describe_subject(tree: NsdTree, design: ExpDesign, subject: int) -> dict:
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = cli.parse_args(build_parser(), argv)
+    if args.json:
+        require_writable(args.json, "--json file")
     tree = NsdTree(args.nsd_root)
     design = ExpDesign.load(tree.expdesign)
     info = StimInfo.load(tree.stim_info)
     with NsdStimuli(tree.stimuli) as stimuli:
         num_images, image_size = len(stimuli), stimuli.image_size
-    subjects = args.subjects or tree.subjects()
     summary = {
         "nsd_root": str(args.nsd_root),
         "images": num_images,
@@ -83,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"NSD tree {args.nsd_root}: {num_images} images of {image_size[0]}x{image_size[1]}, "
           f"{design.shared.size} shared (test) images")  # fmt: skip
-    for subject in subjects:
+    for subject in args.subject:
         row = describe_subject(tree, design, subject)
         summary["subjects"][subject] = row
         grid = "x".join(str(n) for n in row["grid_xyz"])
         print(
-            f"  subj{subject:02d}: grid {grid} ({row['betas_format']}), {row['sessions']} sessions, "
+            f"  {subject_name(subject)}: grid {grid} ({row['betas_format']}), {row['sessions']} sessions, "
             f"{row['trials']} trials = {row['train_trials']} train + {row['test_trials']} test, "
             f"{row['test_images']} test images, nsdgeneral {row['area_voxels'].get('nsdgeneral', 0)} voxels"
         )
@@ -101,8 +107,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"single trial {check.top1_single:.2f} (chance {check.chance:.2f}); "
                   f"median voxel ncsnr {check.median_voxel_snr:.2f}")  # fmt: skip
     if args.json:
-        from llava_brain.io import write_json
-
         write_json(args.json, summary)
     return 0
 

@@ -6,7 +6,8 @@ Both writers use the same metric names (`llava_brain.evaluation.retrieval_report
 - pretrain_vit3d.py: `<run>/metrics.json` is a list of per-epoch dicts with keys `subjXX/<kind>/<metric>`;
   the last epoch is the result.
 - tools/evaluate/ridge_baseline.py: one folder per subject, `<prefix>_subjXX/metrics.json`, whose
-  "metrics" dict holds `<kind>/<metric>`; a run is named by the prefix (e.g. `runs/ridge/ridge_nsdgeneral`).
+  "metrics" dict holds `<kind>/<metric>`; a run is named by the prefix (`DatasetRoot.ridge_run`, e.g.
+  `<root>/runs/ridge/ridge_nsdgeneral`), and every subject folder of that prefix is read.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 
 from llava_brain.errors import BadInputError
 from llava_brain.io import read_json
+from llava_brain.layout import DatasetRoot, subject_name
 
-METRICS_FILE = "metrics.json"
+METRICS_FILE = "metrics.json"  # the file name both writers use
 _SUBJECT_KEY = re.compile(r"^(subj\d\d)/(.+)$")
-_SUBJECT_FOLDER = re.compile(r"_(subj\d\d)$")
 
 
 def load_run(path: str | Path) -> dict[str, dict[str, float]]:
@@ -27,16 +28,16 @@ def load_run(path: str | Path) -> dict[str, dict[str, float]]:
     path = Path(path)
     if (path / METRICS_FILE).is_file():
         return _load_epochs(path / METRICS_FILE)
-    folders = sorted(p for p in path.parent.glob(f"{path.name}_subj[0-9][0-9]") if (p / METRICS_FILE).is_file())
+    folders = {s: p for s, p in DatasetRoot.ridge_subject_runs(path).items() if (p / METRICS_FILE).is_file()}
     if not folders:
         raise BadInputError(path, f"expected a folder with {METRICS_FILE} (pretrain_vit3d.py) or folders "
                                   f"{path.name}_subjXX/{METRICS_FILE} (ridge_baseline.py); found neither")  # fmt: skip
     out = {}
-    for folder in folders:
+    for subject, folder in folders.items():
         result = read_json(folder / METRICS_FILE, "ridge_baseline.py results with a 'metrics' dict")
         if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
             raise BadInputError(folder / METRICS_FILE, "expected a dict with a 'metrics' dict")
-        out[_SUBJECT_FOLDER.search(folder.name).group(1)] = {k: float(v) for k, v in result["metrics"].items()}
+        out[subject_name(subject)] = {k: float(v) for k, v in result["metrics"].items()}
     return out
 
 

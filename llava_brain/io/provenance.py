@@ -110,7 +110,8 @@ class StageRun:
     """One stage run's answer to "is this output current?", and the provenance that answers it next time.
 
     `settings` are the *resolved* settings that shape the output (subject numbers, not 'all'; model
-    paths; hyper-parameters), `inputs` the files it reads (fingerprinted once, here). Rules:
+    paths; hyper-parameters), `inputs` the files it reads (fingerprinted once, here; a dict value is taken as a
+    fingerprint the caller computed). Rules:
 
     - no provenance yet (never run, or killed before `finish`): run;
     - `overwrite`: run;
@@ -128,6 +129,8 @@ class StageRun:
 
     @staticmethod
     def _fingerprints(paths: Any) -> Any:
+        if isinstance(paths, dict):  # a fingerprint the caller computed (e.g. of many files at once)
+            return _plain(paths)
         if isinstance(paths, str | Path):
             return fingerprint(paths)
         return [fingerprint(p) for p in paths]

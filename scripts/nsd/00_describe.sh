@@ -9,5 +9,5 @@ OUT=${OUT:-runs/nsd}
 mkdir -p "$OUT"
 python tools/describe_nsd.py \
   --nsd-root "$NSD_ROOT" \
-  --subjects 1 2 5 7 \
+  --subject 1 2 5 7 \
   --json "$OUT/nsd_summary.json"

@@ -1,23 +1,30 @@
 """Ridge-regression baseline: one area's single-trial betas -> the image embedding, scored by test retrieval.
 
 Per subject: closed-form ridge (float64; dual samples x samples when voxels > samples, primal otherwise)
-from the training betas of `--select-region` to each sample's image target, z-scored per dimension with
-training statistics (predictions are un-z-scored before scoring). The ridge penalty is picked from the
-`--alpha` grid by validation MSE on the last 10 % of the training samples (by sample order; earlier samples
-of the same images are left out of that fit so repeats cannot leak), then refit on all training samples.
-Test retrieval (llava_brain.evaluation.retrieval_report) is reported on (a) repeat-averaged test betas,
-one row per test image in ascending nsdId, and (b) single trials = first presentation (`val_repeat == 0`).
+from the training betas of `--area` to each sample's image target, z-scored per dimension with training
+statistics (predictions are un-z-scored before scoring). The ridge penalty is picked from the `--alpha`
+grid by validation MSE on the last 10 % of the training samples (by sample order; earlier samples of the
+same images are left out of that fit so repeats cannot leak), then refit on all training samples. Test
+retrieval (llava_brain.evaluation.retrieval_report) is reported on (a) repeat-averaged test betas, one row
+per test image in ascending nsdId, and (b) single trials = first presentation (`val_repeat == 0`). The
+test set is NSD's shared-1000 images ("te"/"val" in the dataset root; there is no separate validation split).
 
-Targets: `clip` = <root>/nsd/vision_embeds/clip_image_embeds.npy; `pixels` = an 8x8 RGB thumbnail of each
-stimulus PNG minus its mean colour (as llava_brain/simulate/calibration.py), a check that stays meaningful
-when the CLIP model is a random tiny one (the demo).
+Targets: `clip` = the CLIP image embeddings of generate_clip_embeds.py (`DatasetRoot.clip_embeds`, rows named
+by `clip_index`); `pixels` = an 8x8 RGB thumbnail of each stimulus PNG minus its mean colour (as
+llava_brain/simulate/calibration.py), a check that stays meaningful when the CLIP model is a random tiny one
+(the demo).
 
-Writes <out>/ridge_<region>[_pixels]_subjXX/{metrics.json,run.json}; prints one line per subject.
+Writes, under --out (default <root>/runs/ridge), one folder per subject, ridge_<area>[_pixels]_subjXX/
+{metrics.json, run.json}, and last the run's summary ridge_<area>[_pixels]/{summary.json, run.json} (each
+subject's metrics and their mean); `retrieval_table.py --run ridge=<out>/ridge_<area>` reads the subject
+folders. Prints one line per subject. A rerun skips subjects whose result is current (same settings and
+inputs), so a run killed between subjects finishes the rest; a result made with other settings or inputs
+is refused unless --overwrite. Non-finite betas or targets are refused, naming the file.
 
 Full scale (real NSD, nsdgeneral ~15.7k voxels x ~27k training trials; memory and time not measured here — the
 float64 dual/primal Gram matrix alone is ~15.7k^2 x 8 B = 2 GB):
   python tools/evaluate/ridge_baseline.py --dataset-root /data/brain --subject 1 2 5 7 \\
-      --select-region nsdgeneral --alpha 1e3 1e4 6e4 3e5
+      --area nsdgeneral --alpha 1e3 1e4 6e4 3e5
 Tiny (demo root, seconds):
   python tools/evaluate/ridge_baseline.py --dataset-root demo_out/root --subject all --target pixels
 """
@@ -25,21 +32,25 @@ Tiny (demo root, seconds):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from llava_brain import cli
 from llava_brain.errors import BadInputError, exits_on_bad_input, require_file
 from llava_brain.evaluation import retrieval_report
-from llava_brain.io import read_json, write_json, write_run_json
-from llava_brain.layout import DatasetRoot, default_data_root, subject_name
+from llava_brain.io import StageRun, load_npy, read_json, require_finite, require_writable, staged_folder, write_json
+from llava_brain.layout import DatasetRoot, subject_name
+from llava_brain.subjects import SampleIndex, read_fmri2image, sample_index
 
 DEFAULT_ALPHAS = [1e1, 1e2, 1e3, 1e4, 6e4, 3e5, 1e6]  # 6e4: Ozcelik & VanRullen's CLIP-vision ridge on nsdgeneral
 HOLDOUT_FRACTION = 0.1
 THUMB_SIZE = 8  # pixels target: 8x8 RGB thumbnail (as simulate/calibration.py)
 METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -47,28 +58,14 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # Data
-    p.add_argument(
-        "--dataset-root",
-        type=Path,
-        default=default_data_root(),
-        required=default_data_root() is None,
-        help="prepared dataset root (default: $BRAIN_DATA_ROOT)",
-    )
-    p.add_argument(
-        "--subject",
-        nargs="+",
-        default=["all"],
-        help="subject numbers, or 'all' = every subject under <root>/nsd/fmris with the region (default: all; "
-        "the paper uses 1 2 5 7)",
-    )
-    p.add_argument(
-        "--select-region", default="nsdgeneral", help="area of <root>/nsd/fmris/subjXX/area/ (default: nsdgeneral)"
-    )
+    cli.add_dataset_root(p, "prepared dataset root (holds nsd/fmris/ and nsd/vision_embeds/)")
+    cli.add_subject(p, help="subject numbers, or 'all' (default) = every prepared subject; the paper uses 1 2 5 7")
+    p.add_argument("--area", default="nsdgeneral", help="area of <root>/nsd/fmris/subjXX/area/ (default: nsdgeneral)")
     p.add_argument(
         "--target",
         choices=["clip", "pixels"],
         default="clip",
-        help="clip = vision_embeds/clip_image_embeds.npy; pixels = 8x8 RGB thumbnail minus its mean colour",
+        help="clip = the CLIP image embeddings (nsd/vision_embeds/); pixels = 8x8 RGB thumbnail minus its mean colour",
     )
     # Model
     p.add_argument(
@@ -79,59 +76,35 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help=f"ridge penalties to choose from on the held-out 10%% of training samples (default: {DEFAULT_ALPHAS})",
     )
     # Output
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: <root>/runs/ridge/)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <root>/runs/ridge)")
+    cli.add_overwrite(p, "refit subjects whose result exists, even one made with other settings or inputs")
     return p
 
 
 # Inputs
 
 
-def _subjects(layout: DatasetRoot, requested: list[str], region: str) -> list[int]:
-    if [r.lower() for r in requested] == ["all"]:
-        folder = layout.nsd / "fmris"
-        names = sorted(p.name for p in folder.glob("subj[0-9][0-9]")) if folder.is_dir() else []
-        found = [int(n[4:]) for n in names if layout.area_betas(int(n[4:]), region, "tr").is_file()]
-        if not found:
-            raise BadInputError(folder, f"no subject has area betas for region {region!r}")
-        return found
-    try:
-        return [int(r) for r in requested]
-    except ValueError:
-        raise BadInputError(layout.nsd / "fmris", f"--subject takes numbers or 'all'; got {requested}") from None
-
-
-def _load_betas(layout: DatasetRoot, subject: int, region: str, split: str, num_samples: int) -> np.ndarray:
-    path = require_file(layout.area_betas(subject, region, split), f"(samples, voxels) betas of area {region!r}")
-    betas = np.load(path)
+def _load_betas(path: Path, area: str, num_samples: int) -> np.ndarray:
+    betas = load_npy(path, f"(samples, voxels) betas of area {area!r}")
     if betas.ndim != 2 or len(betas) != num_samples:
         raise BadInputError(path, f"expected ({num_samples}, voxels) to match nsd_fmri2image.json; found {betas.shape}")
-    return betas.astype(np.float64)
-
-
-def _load_fmri2image(layout: DatasetRoot, subject: int) -> dict[str, np.ndarray]:
-    path = layout.fmri2image(subject)
-    mapping = read_json(path, "the nsdId of every sample (train, val, val_repeat)")
-    missing = [k for k in ("train", "val", "val_repeat") if k not in mapping]
-    if missing or len(mapping["val"]) != len(mapping["val_repeat"]):
-        raise BadInputError(path, f"expected lists train, val and val_repeat of matching length; missing {missing}")
-    return {k: np.asarray(mapping[k], dtype=np.int64) for k in ("train", "val", "val_repeat")}
+    return require_finite(betas, path, "the betas").astype(np.float64)
 
 
 def _clip_targets(layout: DatasetRoot, nsd_ids: np.ndarray) -> np.ndarray:
     """(len(nsd_ids), D) float64 CLIP image embeddings, in the order of `nsd_ids`."""
-    folder = layout.vision_embeds_dir
-    embeds_path = require_file(folder / "clip_image_embeds.npy", "(images, D) CLIP image embeddings")
-    index_path = folder / "index.json"
-    index = read_json(index_path, "{'nsd_ids': [...]} naming the rows of clip_image_embeds.npy")
-    embeds = np.load(embeds_path, mmap_mode="r")
+    index = read_json(layout.clip_index, f"{{'nsd_ids': [...]}} naming the rows of {layout.clip_embeds.name}")
+    embeds = load_npy(layout.clip_embeds, "(images, D) CLIP image embeddings", mmap=True)
     row_of = {int(n): i for i, n in enumerate(index.get("nsd_ids", []))}
     if embeds.ndim != 2 or len(embeds) != len(row_of):
-        raise BadInputError(embeds_path, f"expected ({len(row_of)}, D) rows as in index.json; found {embeds.shape}")
+        raise BadInputError(
+            layout.clip_embeds, f"expected ({len(row_of)}, D) rows as in {layout.clip_index.name}; found {embeds.shape}"
+        )
     absent = [int(n) for n in nsd_ids if int(n) not in row_of]
     if absent:
-        raise BadInputError(index_path, f"no embedding for {len(absent)} needed images, e.g. nsdId {absent[0]}")
-    return np.asarray(embeds[[row_of[int(n)] for n in nsd_ids]], dtype=np.float64)
+        raise BadInputError(layout.clip_index, f"no embedding for {len(absent)} needed images, e.g. nsdId {absent[0]}")
+    rows = np.asarray([row_of[int(n)] for n in nsd_ids], dtype=np.int64)
+    return require_finite(np.asarray(embeds[rows], dtype=np.float64), layout.clip_embeds, "the CLIP embeddings", rows)
 
 
 def _pixel_targets(layout: DatasetRoot, nsd_ids: np.ndarray) -> np.ndarray:
@@ -147,6 +120,15 @@ def _pixel_targets(layout: DatasetRoot, nsd_ids: np.ndarray) -> np.ndarray:
     thumbs = np.stack(rows)  # (images, 64, 3)
     # Colour contrast: visual cortex codes local contrast far more than the overall light level.
     return (thumbs - thumbs.mean(axis=1, keepdims=True)).reshape(len(nsd_ids), -1)
+
+
+def _png_listing(layout: DatasetRoot, nsd_ids: np.ndarray) -> dict:
+    """A cheap fingerprint of the stimulus PNGs a pixels fit reads: name, size and mtime of each (no hashing)."""
+    digest = hashlib.sha256()
+    for nsd_id in nsd_ids:
+        stat = require_file(layout.image(nsd_id), "the stimulus PNG (make_images.py)").stat()
+        digest.update(f"{layout.image(nsd_id).name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return {"count": len(nsd_ids), "stat_sha256": digest.hexdigest()}
 
 
 # Ridge
@@ -201,32 +183,36 @@ def _test_sets(betas_te: np.ndarray, val: np.ndarray, val_repeat: np.ndarray):
     return (averaged, test_ids), (betas_te[first], val[first])
 
 
-def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace) -> dict:
-    mapping = _load_fmri2image(layout, subject)
-    train_ids, val_ids = mapping["train"], mapping["val"]
-    x_tr = _load_betas(layout, subject, args.select_region, "tr", len(train_ids))
-    x_te = _load_betas(layout, subject, args.select_region, "te", len(val_ids))
-    if x_tr.shape[1] != x_te.shape[1]:
-        raise BadInputError(layout.area_betas(subject, args.select_region, "te"), "voxel count differs from train")
+def _splits(layout: DatasetRoot, subject: int) -> tuple[SampleIndex, SampleIndex]:
+    mapping = read_fmri2image(layout, subject)
+    return sample_index(layout, subject, "tr", mapping), sample_index(layout, subject, "te", mapping)
 
-    image_ids = np.unique(np.concatenate([train_ids, val_ids]))
+
+def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace) -> dict:
+    train, test = _splits(layout, subject)
+    x_tr = _load_betas(layout.area_betas(subject, args.area, "tr"), args.area, len(train))
+    x_te = _load_betas(layout.area_betas(subject, args.area, "te"), args.area, len(test))
+    if x_tr.shape[1] != x_te.shape[1]:
+        raise BadInputError(layout.area_betas(subject, args.area, "te"), "voxel count differs from train")
+
+    image_ids = np.unique(np.concatenate([train.nsd_ids, test.nsd_ids]))
     embed = _clip_targets(layout, image_ids) if args.target == "clip" else _pixel_targets(layout, image_ids)
     row_of = {int(n): i for i, n in enumerate(image_ids)}
-    y_tr = embed[[row_of[int(n)] for n in train_ids]]
+    y_tr = embed[[row_of[int(n)] for n in train.nsd_ids]]
     y_mean, y_std = y_tr.mean(axis=0), y_tr.std(axis=0) + 1e-8
     y_tr_z = (y_tr - y_mean) / y_std
 
-    alpha, selection = choose_alpha(x_tr, y_tr_z, train_ids, args.alpha)
+    alpha, selection = choose_alpha(x_tr, y_tr_z, train.nsd_ids, args.alpha)
     weights = RidgeSolver(x_tr, y_tr_z).weights(alpha)
 
-    (avg_x, avg_ids), (single_x, single_ids) = _test_sets(x_te, val_ids, mapping["val_repeat"])
+    (avg_x, avg_ids), (single_x, single_ids) = _test_sets(x_te, test.nsd_ids, test.repeats)
     metrics = {}
     for name, x, ids in (("avg/", avg_x, avg_ids), ("single/", single_x, single_ids)):
         pred = x @ weights * y_std + y_mean  # back to the target's units
         metrics.update(retrieval_report(pred, embed[[row_of[int(n)] for n in ids]], prefix=name))
     return {
         "subject": subject,
-        "region": args.select_region,
+        "area": args.area,
         "target": args.target,
         "alpha": alpha,
         "alpha_grid": [float(a) for a in args.alpha],
@@ -243,37 +229,106 @@ def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace
     }
 
 
-def run_dir(out: Path, region: str, target: str, subject: int) -> Path:
-    """<out>/ridge_<region>_subjXX for CLIP targets, <out>/ridge_<region>_pixels_subjXX for pixels."""
-    suffix = "" if target == "clip" else f"_{target}"
-    return out / f"ridge_{region}{suffix}_{subject_name(subject)}"
+def subject_stage(layout: DatasetRoot, subject: int, args: argparse.Namespace, out: Path) -> StageRun:
+    """The rerun rule of one subject's folder: resolved settings and the fingerprints of every file it reads."""
+    inputs = {
+        "betas_tr": layout.area_betas(subject, args.area, "tr"),
+        "betas_te": layout.area_betas(subject, args.area, "te"),
+        "fmri2image": layout.fmri2image(subject),
+    }
+    if args.target == "clip":
+        inputs.update(clip_embeds=layout.clip_embeds, clip_index=layout.clip_index)
+    settings = {
+        "subject": subject,
+        "area": args.area,
+        "target": args.target,
+        "alphas": [float(a) for a in args.alpha],
+        "holdout_fraction": HOLDOUT_FRACTION,
+    }
+    if args.target == "pixels":
+        settings["thumb_size"] = THUMB_SIZE
+    if args.target == "pixels":  # tens of thousands of PNGs: fingerprinted by their listing, not hashed
+        train, test = _splits(layout, subject)
+        inputs["stimulus_pngs"] = _png_listing(layout, np.unique(np.concatenate([train.nsd_ids, test.nsd_ids])))
+    return StageRun(layout.ridge_run(args.area, args.target, subject, out), settings=settings, inputs=inputs)
+
+
+def _report_line(result: dict, path: Path, note: str = "") -> str:
+    m = result["metrics"]
+    return (
+        f"{subject_name(result['subject'])} {result['area']} -> {result['target']}: top-1 brain->image "
+        f"averaged {m['avg/top1_brain_to_image']:.3f} (chance {m['avg/chance']:.3f}), "
+        f"single-trial {m['single/top1_brain_to_image']:.3f} (chance {m['single/chance']:.3f}), "
+        f"alpha {result['alpha']:g}, {result['seconds']:.1f} s -> {path}{note}"
+    )
+
+
+def _read_result(path: Path) -> dict:
+    result = read_json(path, "ridge_baseline.py results")
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+        raise BadInputError(path, "expected ridge_baseline.py results with a 'metrics' dict; pass --overwrite to refit")
+    return result
+
+
+def write_summary(layout: DatasetRoot, args: argparse.Namespace, out: Path, results: dict[int, dict]) -> Path:
+    """The run's summary (each subject's metrics as subjXX/<kind>/<metric>, and their mean), its run.json last."""
+    folder = layout.ridge_run(args.area, args.target, out=out)
+    metrics = {f"{subject_name(s)}/{k}": v for s, r in results.items() for k, v in r["metrics"].items()}
+    for key in results[min(results)]["metrics"]:
+        metrics[key] = float(np.mean([r["metrics"][key] for r in results.values()]))
+    subject_files = [layout.ridge_run(args.area, args.target, s, out) / METRICS_FILE for s in results]
+    stage = StageRun(
+        folder,
+        settings={"subjects": sorted(results), "area": args.area, "target": args.target},
+        inputs={"subject_metrics": subject_files},
+    )
+    previous = stage.previous()
+    if previous is None or stage.changes(previous) or not (folder / SUMMARY_FILE).is_file():  # derived: never refused
+        write_json(folder / SUMMARY_FILE, {"subjects": sorted(results), "area": args.area, "target": args.target,
+                                           "metrics": metrics})  # fmt: skip
+        stage.finish(args, dataset_root=layout.root)
+    return folder / SUMMARY_FILE
 
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # Sanity checks
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
     if any(a <= 0 for a in args.alpha):
-        build_parser().error(f"--alpha values must be positive, got {args.alpha}")
+        parser.error(f"--alpha values must be positive, got {args.alpha}")
     layout = DatasetRoot(args.dataset_root)
-    out = args.out if args.out is not None else layout.root / "runs" / "ridge"
+    out = args.out if args.out is not None else layout.run_dir("ridge")
 
-    for subject in _subjects(layout, args.subject, args.select_region):
-        folder = run_dir(out, args.select_region, args.target, subject)
-        if (folder / METRICS_FILE).exists() and not args.overwrite:
-            raise BadInputError(folder / METRICS_FILE, "already exists; pass --overwrite to replace it")
+    # Before any work: every subject has the area, the output can be written, no result would be replaced silently.
+    for subject in args.subject:
+        what = f"{subject_name(subject)}'s betas of area {args.area!r} (make_subjmri.py --areas)"
+        for split in ("tr", "te"):
+            require_file(layout.area_betas(subject, args.area, split), what)
+    require_writable(out, "--out folder")
+    stages = {subject: subject_stage(layout, subject, args, out) for subject in args.subject}
+    todo = {s for s, stage in stages.items() if stage.needed(args.overwrite, (stage.output / METRICS_FILE).is_file())}
+
+    results = {}
+    for subject, stage in stages.items():
+        path = stage.output / METRICS_FILE
+        if subject not in todo:
+            results[subject] = _read_result(path)
+            print(_report_line(results[subject], path, " (current: kept)"))
+            continue
         start = time.perf_counter()
         result = evaluate_subject(layout, subject, args)
         result["seconds"] = round(time.perf_counter() - start, 2)
-        write_json(folder / METRICS_FILE, result)
-        write_run_json(folder, args, dataset_root=layout.root)
-        m = result["metrics"]
-        print(
-            f"{subject_name(subject)} {args.select_region} -> {args.target}: top-1 brain->image "
-            f"averaged {m['avg/top1_brain_to_image']:.3f} (chance {m['avg/chance']:.3f}), "
-            f"single-trial {m['single/top1_brain_to_image']:.3f} (chance {m['single/chance']:.3f}), "
-            f"alpha {result['alpha']:g}, {result['seconds']:.1f} s -> {folder / METRICS_FILE}"
-        )
+        bad = sorted(k for k, v in result["metrics"].items() if not np.isfinite(v))
+        if bad:  # never let a degenerate fit replace a result: nothing is written
+            raise BadInputError(layout.area_betas(subject, args.area, "tr"),
+                                f"the fit on these betas gave non-finite metrics ({', '.join(bad[:3])}); "
+                                "nothing written, any earlier result is kept")  # fmt: skip
+        with staged_folder(stage.output) as staging:
+            write_json(staging / METRICS_FILE, result)
+            stage.finish(args, into=staging, dataset_root=layout.root)
+        results[subject] = result
+        print(_report_line(result, path))
+    write_summary(layout, args, out, results)
     return 0
 
 
