@@ -13,11 +13,12 @@ record came from. `<image>` appears exactly once, at the start of the first huma
 replaces it with the fMRI tokens of the sample that `image` names.
 
 Sample reference (`image`): `"subjXX/<split>/<row>[+<row>...]"`. `<split>` is "tr" or "te" and `<row>`
-is a row of `whole/nsd_betas_<split>.npy` and the same position in the "train" ("tr") or "val" ("te")
-list of `nsd_fmri2image.json`. One row is one fMRI sample (a single trial). Several rows joined by "+"
-mean the average of those samples; `--per-image` writes these, one record per subject and image
-over all its repeats, with the rows in a `samples` list instead of `sample`, and ids such as
-`subj01_te_nsd004567_brief_description`. `parse_sample_reference` reads a reference back.
+is a row of `whole/nsd_betas_<split>.npy` and the same position in the "train" ("tr") or "val" ("te",
+NSD's shared-1000 test set) list of `nsd_fmri2image.json` (split names: `llava_brain.subjects`). One
+row is one fMRI sample (a single trial). Several rows joined by "+" mean the average of those samples;
+`--per-image` writes these, one record per subject and image over all its repeats, with the rows in
+a `samples` list instead of `sample`, and ids such as `subj01_te_nsd004567_brief_description`.
+`parse_sample_reference` reads a reference back.
 
 Instruction types. Three are built here, with no LLM, from the image's captions and objects:
 - brief_description: one of the paper's 14 prompts (Tab. 3); answer: one caption of the image
@@ -60,8 +61,6 @@ BUILT_TYPES = ("brief_description", "instruction_reconstruction", "concept_local
 GPT_TYPES = ("conversation", "detail_description", "complex_reasoning")
 ALL_TYPES = BUILT_TYPES + GPT_TYPES
 ROLES = ("human", "gpt")
-# Our split suffix -> the key of its sample list in nsd_fmri2image.json (make_subjmri's naming).
-SPLIT_KEYS = {"tr": "train", "te": "val"}
 # The data files ship with the repository, not the package (an editable install finds them).
 INSTRUCTIONS_DIR = Path(__file__).resolve().parent.parent / "data" / "instructions"
 # Object categories appended to a Stable Diffusion prompt: CLIP's text encoder sees 77 tokens, and a

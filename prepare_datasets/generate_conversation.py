@@ -3,8 +3,8 @@
 As LLaVA did for COCO, an LLM that never sees the image gets its captions (COCO's 5 human ones,
 BLIP-2's) and object boxes (COCO, DETR) and writes, "as if seeing the image", a multi-turn
 conversation, a detailed description (answering a question drawn from a fixed list) or a
-complex-reasoning Q&A (prompts: data/prompts/; context, protocol and templates:
-llava_brain/instructions.py). Backends: `openai` (the paper: gpt-3.5-turbo-0125; the key comes from
+complex-reasoning Q&A (prompts: data/prompts/; context, protocol, templates and the API client:
+the package llava_brain/instructions/). Backends: `openai` (the paper: gpt-3.5-turbo-0125; the key comes from
 $OPENAI_API_KEY only) and `template` (offline, free, deterministic, built from the same context).
 
 One JSON line per finished image, appended as it finishes, so a kill loses only requests in
@@ -13,11 +13,19 @@ rewritten sorted by nsdId, so it does not depend on completion order:
   {"nsd_id": 42, "prompt_type": "conversation",
    "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}, ...],
    "backend": "openai", "model": "gpt-3.5-turbo-0125"}   (template backend: "model": "template-v1")
-Provenance (arguments, prompt fingerprint, API counts, tokens, cost) goes to <type>.run.json beside it.
+Provenance goes to <type>.jsonl.run.json beside it, after every run that ends on its own (also on
+Ctrl-C or a budget stop): the settings that shape the records (prompt type, backend, model, seed),
+the fingerprints of the prompt files, the images selected and done, and this run's and all runs'
+API requests, retries, tokens and estimated cost. A rerun with the same settings and prompts asks
+only for the images missing from the file (nothing if none is); other settings or prompts are
+refused until --overwrite, which discards the stored records. The annotation files are fingerprinted
+in the manifest too but not compared: adding subjects rewrites them, and the records of the images
+already done stay valid.
 
 Exit codes: 0 every selected image has a record; 1 fatal API error (HTTP 401/403/404: wrong key,
 no access, unknown model or URL) or a crash; 2 bad input (a missing file, $OPENAI_API_KEY unset,
-the file holds another backend's or model's records, another run writes the same file);
+an output folder that cannot be written, the file holds records made with other settings, another
+run writes the same file);
 3 stopped by --max-requests / --max-tokens-budget (rerun to continue); 4 some images failed after
 --max-retries (rerun to retry them); 130 interrupted by Ctrl-C (what finished is kept).
 
@@ -42,7 +50,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from llava_brain.annotations import subject_or_all
+from llava_brain import cli
 from llava_brain.errors import EXIT_BAD_INPUT, BadInputError, exits_on_bad_input
 from llava_brain.instructions import (
     PROMPT_TYPES,
@@ -54,20 +62,24 @@ from llava_brain.instructions import (
     Prompts,
     RequestSettings,
     RetryPolicy,
+    captioned_images,
     load_contexts,
     load_prompts,
     make_record,
+    prompt_files,
     request_conversation,
-    select_images,
     template_conversation,
 )
-from llava_brain.io import JsonlStore, run_manifest, write_json
-from llava_brain.layout import DatasetRoot, default_data_root
+from llava_brain.io import JsonlStore, StageRun, fingerprint, require_writable
+from llava_brain.layout import DatasetRoot
+from llava_brain.subjects import ALL, images_of, resolve_prepared
 
 log = logging.getLogger("generate_conversation")
 
 API_KEY_ENV = "OPENAI_API_KEY"
 EXIT_FATAL_API, EXIT_BUDGET, EXIT_FAILED, EXIT_INTERRUPTED = 1, 3, 4, 130
+# API counts that add up over the runs that built one file (the manifest's "api_all_runs").
+API_TOTALS = ("requests", "retries", "prompt_tokens", "completion_tokens", "estimated_cost_usd")
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -75,22 +87,18 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # Data
-    p.add_argument(
-        "--dataset-root",
-        type=Path,
-        default=default_data_root(),
-        help="prepared dataset root; reads nsd/nsd_coco_captions.json (required), nsd_captions.json, "
-        "nsd_instances.json, nsd_coco_instances.json (optional) (default: $BRAIN_DATA_ROOT)",
+    cli.add_dataset_root(
+        p,
+        "prepared dataset root; reads nsd/nsd_coco_captions.json (required), nsd_captions.json, "
+        "nsd_instances.json, nsd_coco_instances.json (optional)",
     )
     p.add_argument("--prompt-type", choices=PROMPT_TYPES, required=True, help="which instruction data to generate")
     which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--subject",
-        type=subject_or_all,
-        nargs="+",
-        default=["all"],
-        metavar="S",
-        help="the train+val images of these prepared subjects (nsd/fmris/subjXX/nsd_fmri2image.json), "
+    cli.add_subject(
+        p,
+        default=None,
+        group=which,
+        help="the train+test images of these prepared subjects (nsd/fmris/subjXX/nsd_fmri2image.json), "
         "or 'all' = every prepared subject (default)",
     )
     which.add_argument(
@@ -122,8 +130,8 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "cost estimate (default: gpt-3.5-turbo-0125)")  # fmt: skip
     p.add_argument("--price-per-1k-output", type=float, default=0.0015, help="USD per 1000 completion tokens")
     # Output
-    p.add_argument("--overwrite", action="store_true", help="discard the stored records and start over")
-    p.add_argument("--quiet", action="store_true", help="no progress lines (the summary is still logged)")
+    cli.add_overwrite(p, "discard the stored records and start over (needed when settings or prompts changed)")
+    cli.add_quiet(p)
     return p
 
 
@@ -234,12 +242,17 @@ def log_api_summary(args, stats: ApiStats, seconds: float) -> dict:
     }
 
 
+def add_api(before: object, now: dict | None) -> dict | None:
+    """API counts summed over the runs that built one file (`before`: the previous manifest's)."""
+    if now is None:
+        return before if isinstance(before, dict) else None
+    before = before if isinstance(before, dict) else {}
+    return {k: round(before.get(k, 0) + now[k], 6) if isinstance(now[k], float) else before.get(k, 0) + now[k]
+            for k in API_TOTALS}  # fmt: skip
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Sanity checks of the flags, in one place (parser.error exits with 2 and the usage)."""
-    if args.dataset_root is None:
-        parser.error("--dataset-root is required (or set $BRAIN_DATA_ROOT)")
-    if "all" in args.subject and len(args.subject) > 1:
-        parser.error(f"--subject all cannot be combined with subject numbers, got {args.subject}")
     positive = {"--concurrency": args.concurrency, "--timeout": args.timeout, "--limit": args.limit,
                 "--max-requests": args.max_requests, "--max-tokens-budget": args.max_tokens_budget}  # fmt: skip
     for flag, value in positive.items():
@@ -253,10 +266,20 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"{flag} must be >= 0, got {value}")
 
 
+def select_images(layout: DatasetRoot, args: argparse.Namespace) -> list[int]:
+    """Sorted nsdIds of the run: every captioned image, or the train+test images of the subjects."""
+    if args.all_images:
+        nsd_ids = captioned_images(layout)
+    else:
+        args.subject = args.subject or resolve_prepared(layout, [ALL])  # resolved: the manifest says which
+        nsd_ids = images_of(layout, args.subject)
+    return nsd_ids[: args.limit] if args.limit else nsd_ids
+
+
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # The HTTP stack logs every request at INFO (httpx, or httpx2 in newer openai releases).
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "openai"):
@@ -270,19 +293,29 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
 
     layout = DatasetRoot(args.dataset_root)
-    nsd_ids = select_images(layout, None if args.all_images else args.subject, args.all_images)
-    nsd_ids = nsd_ids[: args.limit] if args.limit else nsd_ids
+    output = layout.gpt_conversation(args.prompt_type)
+    require_writable(output, "dataset root")
+    nsd_ids = select_images(layout, args)
     prompts = load_prompts(args.prompt_type, args.prompts_dir)
     model = args.model if args.backend == "openai" else TEMPLATE_MODEL
-    output = layout.gpt_conversation(args.prompt_type)
+    # What shapes a record; the run's selection does not (records are per image, and a rerun may add images).
+    settings = {"prompt_type": args.prompt_type, "backend": args.backend, "model": model, "seed": args.seed}
+    run = StageRun(output, settings=settings, inputs=prompt_files(args.prompt_type, args.prompts_dir))
 
     with exclusive(output, layout.gpt_conversation_lock(args.prompt_type)):
         if args.overwrite:
+            # Both go before any new record, so that a kill never leaves old provenance over new records.
+            run.manifest.unlink(missing_ok=True)
             output.unlink(missing_ok=True)
-        store = JsonlStore(output)
+        store = JsonlStore(output)  # also removes what a compaction killed mid-write left
         if store.dropped_torn_line:
             log.info("dropped the torn last line of %s (a killed run)", output)
         done = stored_ids(store, args.prompt_type, args.backend, model)
+        previous = run.previous()
+        if not run.needed(complete=set(nsd_ids) <= done):
+            log.info("%s holds all %d selected images (same settings and prompts); nothing to do", output,
+                     len(nsd_ids))  # fmt: skip
+            return 0
         todo = [i for i in nsd_ids if i not in done]
         contexts, sources = load_contexts(layout, todo)
         log.info("%s, backend %s (%s): %d images selected, %d already in %s, %d to do",
@@ -304,20 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         api = log_api_summary(args, budget.stats, seconds) if budget else None
         missing = sorted(set(nsd_ids) - {r["nsd_id"] for r in store})
         stop_reason = "interrupted" if interrupted else budget.stop_reason if budget else None
-        write_json(
-            layout.gpt_conversation_run(args.prompt_type),
-            run_manifest(
-                args,
-                output=str(output),
-                inputs=sources.used(),
-                model=model,
-                prompts_sha256=prompts.sha256,
-                selected_images=len(nsd_ids),
-                written_images=progress.done,
-                missing_images=len(missing),
-                stop_reason=stop_reason,
-                api=api,
-            ),
+        run.finish(
+            args,
+            subjects=None if args.all_images else args.subject,
+            context_files={str(p.relative_to(layout.root)): fingerprint(p) for p in sources.used()},
+            selected_images=len(nsd_ids),
+            written_images=progress.done,
+            missing_images=len(missing),
+            stop_reason=stop_reason,
+            api=api,
+            api_all_runs=add_api((previous or {}).get("api_all_runs"), api),
         )
 
     log.info("wrote %d records in %.1f s; %s holds %d of the %d selected images", progress.done, seconds, output,

@@ -2,13 +2,16 @@
 
 One record per fMRI sample and instruction type (paper, App. A.2), in LLaVA's custom-data format;
 the record format, the sample reference in `image` and how each type's answer is made are in
-llava_brain/sft.py. Train samples of nsd_fmri2image.json go to sft_data_tr.json, val (shared-image)
-samples to sft_data_te.json. brief_description, instruction_reconstruction and concept_localization
-are built from the captions and objects of each image; conversation, detail_description and
+llava_brain/sft.py. Train samples of nsd_fmri2image.json go to sft_data_tr.json, "val" samples
+(NSD's shared-1000 test set; there is no separate validation split) to sft_data_te.json.
+brief_description, instruction_reconstruction and concept_localization are built from the
+captions and objects of each image; conversation, detail_description and
 complex_reasoning copy the dialogues of nsd_gpt_conversation/<type>.jsonl (generate_conversation.py).
 Choices (prompt, caption, dialogue) are fixed by --seed and the record id, so a rerun writes the same
-bytes. A rerun with the same settings and inputs does nothing; the settings, the SHA-256 of every
-input and the record counts are in <root>/nsd/sft_data_run.json.
+bytes. Provenance of both files (the resolved settings, the fingerprint of every input file, the
+record counts) is one manifest, <root>/nsd/sft_data_tr.json.run.json, written after both files: a
+rerun with the same settings and inputs does nothing, other settings or inputs are refused until
+--overwrite, and files without the manifest (a run killed before its end) are simply made again.
 
 Full scale (the paper: COCO + BLIP-2 captions, DETR objects; CPU only, about a minute):
   python prepare_datasets/generate_sft_data.py --dataset-root /data/brain --subject 1 2 5 7 \\
@@ -21,8 +24,6 @@ Tiny (mini-NSD):
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -32,17 +33,16 @@ from typing import Any
 
 import numpy as np
 
-from llava_brain.annotations import read_captions, read_instances, subject_or_all
+from llava_brain import cli
+from llava_brain.annotations import read_captions, read_instances
 from llava_brain.errors import BadInputError, exits_on_bad_input, require_file
-from llava_brain.io import read_json, run_manifest, write_json, write_text
-from llava_brain.layout import DatasetRoot, default_data_root, subject_name
-from llava_brain.nsd.constants import NUM_SUBJECTS
+from llava_brain.io import StageRun, manifest_of, require_writable, write_text
+from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.sft import (
     ALL_TYPES,
     BUILT_TYPES,
     GPT_TYPES,
     INSTRUCTIONS_DIR,
-    SPLIT_KEYS,
     SftSources,
     build_turns,
     checked_sft_records,
@@ -54,6 +54,7 @@ from llava_brain.sft import (
     merge_captions,
     salient_categories,
 )
+from llava_brain.subjects import SPLITS, read_fmri2image, split_key
 
 log = logging.getLogger("generate_sft_data")
 
@@ -66,19 +67,13 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # Data
-    p.add_argument(
-        "--dataset-root",
-        type=Path,
-        default=default_data_root(),
-        help="prepared dataset root; reads nsd/fmris, the caption/instance files and nsd_gpt_conversation/, "
-        "writes nsd/sft_data_{tr,te}.json (default: $BRAIN_DATA_ROOT)",
+    cli.add_dataset_root(
+        p,
+        "prepared dataset root; reads nsd/fmris, the caption/instance files and nsd_gpt_conversation/, "
+        "writes nsd/sft_data_{tr,te}.json",
     )
-    p.add_argument(
-        "--subject",
-        type=subject_or_all,
-        nargs="+",
-        default=["all"],
-        metavar="S",
+    cli.add_subject(
+        p,
         help="prepared subjects (1-8) whose samples get records, or 'all' = every subject with an "
         "nsd_fmri2image.json (default; the paper: 1 2 5 7)",
     )
@@ -138,31 +133,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.set_defaults(unit="sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-record choice of prompt, caption and dialogue")
     # Output
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="rewrite both files even if they exist (needed when settings or inputs changed)",
-    )
+    cli.add_overwrite(p, "rewrite both files even if they are current (needed when settings or inputs changed)")
+    cli.add_quiet(p)
     return p
 
 
-def run_manifest_path(layout: DatasetRoot) -> Path:
-    """Settings, input digests and counts of the last finished run, beside the two outputs."""
-    return layout.sft_data_run
-
-
 # Inputs ---------------------------------------------------------------------------------------
-
-
-def resolve_subjects(layout: DatasetRoot, requested: list[int | str]) -> list[int]:
-    if requested == ["all"]:
-        found = [s for s in range(1, NUM_SUBJECTS + 1) if layout.fmri2image(s).is_file()]
-        if not found:
-            raise BadInputError(layout.fmri_dir(1).parent, "holds no prepared subject; run make_subjmri.py first")
-        return found
-    for subject in requested:
-        require_file(layout.fmri2image(subject), "the sample -> image map of a prepared subject (make_subjmri.py)")
-    return sorted(set(requested))
 
 
 def resolve_types(layout: DatasetRoot, requested: list[str] | None) -> list[str]:
@@ -191,14 +167,14 @@ def _num_rows(path: Path) -> int:
     return int(shape[0])
 
 
-def read_fmri2image(layout: DatasetRoot, subject: int) -> dict[str, list[int]]:
+def sample_images(layout: DatasetRoot, subject: int) -> dict[str, list[int]]:
     """Split ("tr"/"te") -> nsdId of every sample, checked against the rows of the whole-brain arrays."""
     path = layout.fmri2image(subject)
-    mapping = read_json(path, "nsd_fmri2image.json of a prepared subject (make_subjmri.py)")
+    mapping = read_fmri2image(layout, subject)
     out = {}
-    for split, key in SPLIT_KEYS.items():
-        ids = mapping.get(key) if isinstance(mapping, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    for split in SPLITS:
+        key, ids = split_key(split), mapping[split_key(split)]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise BadInputError(path, f'"{key}" must be a list of 0-based nsdIds, one per sample')
         betas = require_file(layout.whole_betas(subject, split), "the whole-brain volumes of make_subjmri.py")
         rows = _num_rows(betas)
@@ -236,19 +212,22 @@ def _few(values: list[int], shown: int = 5) -> str:
     return ", ".join(map(str, values[:shown])) + (", ..." if len(values) > shown else "")
 
 
-def input_files(layout: DatasetRoot, subjects: list[int], types: list[str], args) -> list[tuple[Path, str]]:
-    """(path, what it holds) of every file the records depend on; their digests decide whether a
-    rerun has anything to do."""
+def input_files(layout: DatasetRoot, subjects: list[int], types: list[str], args) -> dict[str, tuple[Path, str]]:
+    """Every file the records depend on, by name: (path, what it holds). Their fingerprints decide
+    whether a rerun has anything to do."""
     files = _annotation_files(layout)
     inputs = [(layout.fmri2image(s), "the sample -> image map of make_subjmri.py") for s in subjects]
     if set(types) & set(CAPTION_TYPES):
         inputs += [files[f"captions/{source}"] for source in args.caption_sources]
     if set(types) & set(OBJECT_TYPES):
         inputs.append(files[f"instances/{args.instance_source}"])
-    gpt = [
+    inputs += [
         (layout.gpt_conversation(t), f"the {t} dialogues of generate_conversation.py") for t in types if t in GPT_TYPES
     ]
-    return inputs + gpt
+    named = {str(path.relative_to(layout.root)): (path, what) for path, what in inputs}
+    for name in BUILT_TYPES:  # the prompt lists (outside the root: named by type)
+        named[f"instructions/{name}.txt"] = (args.instructions_dir / f"{name}.txt", "an instruction list")
+    return named
 
 
 def load_sources(layout: DatasetRoot, types: list[str], nsd_ids: set[int], instructions, args) -> SftSources:
@@ -271,46 +250,6 @@ def load_sources(layout: DatasetRoot, types: list[str], nsd_ids: set[int], instr
                 prompt_type, uncovered, len(nsd_ids), layout.gpt_conversation(prompt_type), prompt_type,
             )  # fmt: skip
     return SftSources(instructions=instructions, captions=captions, categories=categories, gpt=gpt)
-
-
-# Reruns ---------------------------------------------------------------------------------------
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def up_to_date(outputs: list[Path], manifest: Path, settings: dict) -> bool:
-    """True if both outputs exist from a run with `settings`; BadInputError if what exists came from
-    other settings or inputs, or from an unfinished run (its manifest is written last)."""
-    existing = [p for p in outputs if p.exists()]
-    if manifest.is_file():
-        data = read_json(manifest, "the run manifest of generate_sft_data.py")
-        previous = data.get("settings") if isinstance(data, dict) else None
-        if previous == settings:
-            return len(existing) == len(outputs)
-        previous = previous if isinstance(previous, dict) else {}
-        changed = sorted(k for k in settings if k != "inputs" and previous.get(k) != settings[k])
-        changed += [f"input {name}" for name in _changed_inputs(previous.get("inputs"), settings["inputs"])]
-        raise BadInputError(
-            manifest, f"the SFT data were written with other settings or inputs ({', '.join(changed)}); "
-            "pass --overwrite to rewrite them",
-        )  # fmt: skip
-    if existing:
-        raise BadInputError(
-            existing[0], f"exists without {manifest.name} (an interrupted run or another tool wrote it); "
-            "pass --overwrite to replace it",
-        )  # fmt: skip
-    return False
-
-
-def _changed_inputs(previous: Any, current: dict[str, str]) -> list[str]:
-    previous = previous if isinstance(previous, dict) else {}
-    return sorted(name for name in {*previous, *current} if previous.get(name) != current.get(name))
 
 
 # Records --------------------------------------------------------------------------------------
@@ -344,24 +283,24 @@ def log_counts(counts: dict[str, dict[str, list[int]]], elapsed: float) -> None:
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     # Sanity checks
-    if args.dataset_root is None:
-        parser.error("--dataset-root is required (or set $BRAIN_DATA_ROOT)")
-    if "all" in args.subject and len(args.subject) > 1:
-        parser.error(f"--subject all cannot be combined with subject numbers, got {args.subject}")
     if not 0.0 <= args.min_score <= 1.0:
         parser.error(f"--min-score is a score in [0, 1], got {args.min_score}")
     args.caption_sources = list(dict.fromkeys(args.caption_sources))  # order kept: it orders the caption pool
 
     start = time.perf_counter()
     layout = DatasetRoot(args.dataset_root)
-    subjects = resolve_subjects(layout, args.subject)
+    outputs = [layout.sft_data(split) for split in SPLITS]
+    # One manifest for both files, beside the first (written after both: its presence marks them complete).
+    for path in [*outputs, manifest_of(outputs[0])]:
+        require_writable(path, "dataset root")
+    subjects = args.subject
     types = resolve_types(layout, args.types)
     instructions = load_instruction_lists(args.instructions_dir)
-    inputs = [require_file(path, what) for path, what in input_files(layout, subjects, types, args)]
-    # JSON round trip so that the comparison with the manifest sees the same types (lists, floats).
+    files = input_files(layout, subjects, types, args)
+    inputs = {name: require_file(path, what) for name, (path, what) in files.items()}
     settings = {
         "subjects": subjects,
         "types": types,
@@ -370,40 +309,33 @@ def main(argv: list[str] | None = None) -> int:
         "caption_sources": args.caption_sources,
         "instance_source": args.instance_source,
         "min_score": args.min_score,
-        "instructions": instructions,
-        "inputs": {str(p.relative_to(layout.root)): sha256(p) for p in inputs},
     }
-    settings = json.loads(json.dumps(settings))
-    outputs = [layout.sft_data(split) for split in SPLIT_KEYS]
-    manifest = run_manifest_path(layout)
-    if not args.overwrite and up_to_date(outputs, manifest, settings):
+    run = StageRun(outputs[0], settings=settings, inputs=inputs)
+    if not run.needed(args.overwrite, complete=all(p.is_file() for p in outputs)):
         log.info("%s and %s are up to date (same settings and inputs); nothing to do", *outputs)
         return 0
 
-    mappings = {subject: read_fmri2image(layout, subject) for subject in subjects}
+    mappings = {subject: sample_images(layout, subject) for subject in subjects}
     nsd_ids = {i for mapping in mappings.values() for ids in mapping.values() for i in ids}
     sources = load_sources(layout, types, nsd_ids, instructions, args)
-    counts = {split: {t: [0, 0] for t in types} for split in SPLIT_KEYS}
+    counts = {split: {t: [0, 0] for t in types} for split in SPLITS}
     # Checked while streaming: a failure here is a bug in the builders, not bad input. The text of
     # both files is made before anything is written, so a bug leaves the old outputs in place.
     texts = {
         split: dump_sft_records(checked_sft_records(split_records(mappings, split, types, sources, args, counts)))
-        for split in SPLIT_KEYS
+        for split in SPLITS
     }
 
     # The manifest goes first and comes back last, so that a kill in between never leaves old
-    # settings vouching for new files.
-    manifest.unlink(missing_ok=True)
-    for split, path in zip(SPLIT_KEYS, outputs, strict=True):
+    # settings vouching for new files (files without a manifest are redone by the next run).
+    run.manifest.unlink(missing_ok=True)
+    for split, path in zip(SPLITS, outputs, strict=True):
         write_text(path, texts[split])
     summary = {split: {t: {"records": n, "skipped": s} for t, (n, s) in c.items()} for split, c in counts.items()}
-    write_json(manifest, run_manifest(args, settings=settings, counts=summary, outputs=[str(p) for p in outputs]))
-    log_counts(counts, time.perf_counter() - start)
-    log.info(
-        "wrote %s and %s for %s",
-        *outputs,
-        ", ".join(subject_name(s) for s in subjects),
-    )
+    run.finish(args, counts=summary, outputs=[str(p) for p in outputs])
+    if not args.quiet:
+        log_counts(counts, time.perf_counter() - start)
+    log.info("wrote %s and %s for %s", *outputs, ", ".join(subject_name(s) for s in subjects))
     return 0
 
 

@@ -10,24 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from llava_brain.annotations import write_captions, write_instances
-from llava_brain.instructions import (
-    ImageContext,
-    ImageObject,
-    MalformedAnswer,
-    RetryPolicy,
-    answer_to_conversation,
-    normalise_box,
-    parse_qa,
-    region,
-    retry_after_seconds,
-    template_conversation,
-)
-from llava_brain.io import write_json
+from llava_brain.instructions import RetryPolicy, prompt_files
+from llava_brain.io import manifest_of, write_json
 from llava_brain.layout import DatasetRoot
 from llava_brain.testing.fake_openai import FakeOpenAI, by_image, by_request, combine
 
@@ -39,8 +29,11 @@ CATEGORIES = {1: "person", 3: "car", 18: "dog", 47: "cup", 67: "dining table"}
 # Images of subject 1 (train + val); 90 and 91 have captions but no subject saw them (--all-images only).
 SUBJECT_IDS = [3, 7, 11, 15, 20, 24, 31, 40, 52, 66]
 ALL_IDS = [*SUBJECT_IDS, 90, 91]
-# Fast retries: the waits are not what is tested (Retry-After still makes the 429 waits 0.1 s).
-FAST = ["--backoff-base", "0.01", "--backoff-max", "0.5", "--timeout", "0.5"]
+# Fast retries: the waits are not what is tested (Retry-After still makes the 429 waits 0.1 s). The
+# timeout is far above any reply time of the local server, so only a "slow" fault ever reaches it.
+FAST = ["--backoff-base", "0.01", "--backoff-max", "0.5", "--timeout", "10"]
+# A request-timeout test has to wait this long once; "slow" replies wait far longer (until the server stops).
+SHORT_TIMEOUT = ["--timeout", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +93,26 @@ def all_text(root: Path) -> str:
     return "\n".join(p.read_text(errors="replace") for p in root.rglob("*") if p.is_file())
 
 
+def manifest(root: Path, prompt_type: str = "conversation") -> dict:
+    return json.loads(manifest_of(DatasetRoot(root).gpt_conversation(prompt_type)).read_text())
+
+
+def wait_for(condition: Callable[[], bool], what: str, proc: subprocess.Popen | None = None) -> None:
+    """Wait until `condition()` holds: a state the test controls, not a time. The deadline only turns a
+    hang into a failure, and a child that exits first fails at once."""
+    deadline = time.monotonic() + 120
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) before {what}: {proc.communicate()[0].decode()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def stored_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
 # The OpenAI backend ---------------------------------------------------------------------------
 
 
@@ -113,17 +126,21 @@ def test_faults_are_retried_and_every_image_is_done_once(stage, tmp_path, monkey
         by_image("Photo number 11:", ["empty", "500"]),
         by_image("Photo number 15:", ["500", "drop"]),
     )
-    with FakeOpenAI(faults=faults, slow_seconds=1.5) as server:
-        assert run_openai(stage, root, server, "--concurrency", "4") == 0
+    with FakeOpenAI(faults=faults, slow_seconds=600) as server:
+        assert run_openai(stage, root, server, "--concurrency", "4", *SHORT_TIMEOUT) == 0
     assert_valid(records(root), "conversation", SUBJECT_IDS)
     assert {"429", "500", "drop", "malformed", "slow", "empty"} <= set(server.outcomes)
     assert server.authorizations == {f"Bearer {KEY}"}  # the key is sent, and only to the server
-    manifest = json.loads(DatasetRoot(root).gpt_conversation("conversation").with_suffix(".run.json").read_text())
-    api = manifest["api"]
+    run = manifest(root)
+    api = run["api"]
     assert api["requests"] == server.requests == len(SUBJECT_IDS) + api["retries"]
     assert api["retries"] == 8 and api["failed_nsd_ids"] == []
-    assert set(api["retry_causes"]) == {"http_429", "http_500", "connection", "malformed", "timeout"}
+    assert api["retry_causes"] == {"http_429": 2, "http_500": 2, "connection": 1, "malformed": 2, "timeout": 1}
     assert api["prompt_tokens"] > 0 and api["estimated_cost_usd"] > 0
+    assert run["api_all_runs"]["requests"] == api["requests"]
+    assert run["settings"] == {"prompt_type": "conversation", "backend": "openai", "model": "gpt-3.5-turbo-0125",
+                               "seed": 0}  # fmt: skip
+    assert run["subjects"] == [1] and run["missing_images"] == 0
     out = capsys.readouterr()
     assert KEY not in out.out + out.err + caplog.text + all_text(root)
 
@@ -131,14 +148,21 @@ def test_faults_are_retried_and_every_image_is_done_once(stage, tmp_path, monkey
 def test_retry_after_is_honoured(stage, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     root = make_root(tmp_path)
+    waits = []
+    delay = RetryPolicy.delay
+
+    def recorded(self, attempt, retry_after=None, rng=None):
+        waits.append((retry_after, delay(self, attempt, retry_after, rng)))
+        return waits[-1][1]
+
+    monkeypatch.setattr(RetryPolicy, "delay", recorded)
     with FakeOpenAI(faults=by_request({0: "429", 1: "429"})) as server:
         start = time.perf_counter()
         # Our own backoff would wait U(0, 1000 s); the server's Retry-After says 0.1 s.
-        assert (
-            run_openai(stage, root, server, "--concurrency", "1", "--backoff-base", "1000", "--backoff-max", "1000")
-            == 0
-        )
-        assert 0.2 <= time.perf_counter() - start < 10
+        argv = ["--concurrency", "1", "--backoff-base", "1000", "--backoff-max", "1000"]
+        assert run_openai(stage, root, server, *argv) == 0
+        assert time.perf_counter() - start >= 0.2  # the two waits happened
+    assert waits == [(0.1, 0.1), (0.1, 0.1)]
     assert_valid(records(root), "conversation", SUBJECT_IDS)
 
 
@@ -152,6 +176,7 @@ def test_rerun_skips_stored_images(stage, tmp_path, monkeypatch):
         assert server.requests == first  # nothing left to ask
         assert run_openai(stage, root, server, "--all-images") == 0
         assert server.requests == first + 2  # only the two images no subject saw
+        assert manifest(root)["api_all_runs"]["requests"] == first + 2  # counted over the runs
     assert_valid(records(root), "conversation", ALL_IDS)
 
 
@@ -175,17 +200,18 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(stage, tmp_path, monkeypatc
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     whole, killed = make_root(tmp_path / "whole"), make_root(tmp_path / "killed")
     store = DatasetRoot(killed).gpt_conversation("conversation")
-    with FakeOpenAI(latency=0.3) as server:
+    with FakeOpenAI() as server:
+        server.hold_after(3)  # three replies, then the run waits on the server until the test releases it
         cmd = [sys.executable, SCRIPT, "--dataset-root", str(killed), "--prompt-type", "conversation",
                "--base-url", server.base_url, "--concurrency", "2"]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (not store.exists() or store.read_text().count("\n") < 3):
-            time.sleep(0.02)
+        wait_for(lambda: stored_lines(store) == 3, "three records are stored", proc)
         proc.send_signal(signal.SIGKILL)
         output = proc.communicate()[0].decode()
+        server.release()
         assert proc.returncode == -signal.SIGKILL
-        assert 3 <= store.read_text().count("\n") < len(SUBJECT_IDS)
+        assert stored_lines(store) == 3
+        assert not manifest_of(store).exists()  # killed: no provenance, so the rerun simply continues
         assert KEY not in output
         assert run_openai(stage, killed, server) == 0
         assert run_openai(stage, whole, server) == 0
@@ -196,19 +222,19 @@ def test_ctrl_c_keeps_finished_records_sorted(stage, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     root = make_root(tmp_path)
     store = DatasetRoot(root).gpt_conversation("conversation")
-    with FakeOpenAI(latency=0.3) as server:
+    with FakeOpenAI() as server:
+        server.hold_after(2)  # two replies, then every request waits until the test releases the server
         cmd = [sys.executable, SCRIPT, "--dataset-root", str(root), "--prompt-type", "conversation",
                "--base-url", server.base_url, "--concurrency", "3"]  # fmt: skip
         proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and (not store.exists() or store.read_text().count("\n") < 2):
-            time.sleep(0.02)
+        wait_for(lambda: stored_lines(store) == 2, "two records are stored", proc)
         proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=20)[0].decode()
+        output = proc.communicate(timeout=120)[0].decode()
+        server.release()
         assert proc.returncode == 130, output
         ids = [r["nsd_id"] for r in records(root)]
-        assert 2 <= len(ids) < len(SUBJECT_IDS) and ids == sorted(ids)  # compacted on the way out
-        assert json.loads(store.with_suffix(".run.json").read_text())["stop_reason"] == "interrupted"
+        assert len(ids) == 2 and ids == sorted(ids)  # compacted on the way out
+        assert manifest(root)["stop_reason"] == "interrupted"
         assert run_openai(stage, root, server) == 0
     assert_valid(records(root), "conversation", SUBJECT_IDS)
 
@@ -267,6 +293,74 @@ def test_other_backend_records_are_not_mixed_in(stage, tmp_path, monkeypatch, ca
     assert {r["backend"] for r in records(root)} == {"openai"}
 
 
+# Reruns, kills and unwritable outputs (template backend: offline) -------------------------------
+
+
+def template_argv(root: Path, *extra: str) -> list[str]:
+    return ["--dataset-root", str(root), "--prompt-type", "detail_description", "--backend", "template", *extra]
+
+
+def test_other_settings_or_prompts_are_refused_until_overwrite(stage, tmp_path, capsys):
+    root = make_root(tmp_path / "root")
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name, path in prompt_files("detail_description").items():
+        (prompts / name).write_bytes(path.read_bytes())
+    assert stage.main(template_argv(root, "--prompts-dir", str(prompts))) == 0
+    first = DatasetRoot(root).gpt_conversation("detail_description").read_bytes()
+    capsys.readouterr()
+    assert stage.main(template_argv(root, "--prompts-dir", str(prompts), "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert "setting seed 0 -> 1" in err and "--overwrite" in err and err.count("\n") == 1
+    questions = prompts / "detail_description_questions.txt"
+    questions.write_text("Describe the photo in detail.\n")
+    assert stage.main(template_argv(root, "--prompts-dir", str(prompts))) == 2
+    assert "input detail_description_questions.txt changed" in capsys.readouterr().err
+    assert DatasetRoot(root).gpt_conversation("detail_description").read_bytes() == first  # refused: untouched
+    assert stage.main(template_argv(root, "--prompts-dir", str(prompts), "--overwrite")) == 0
+    recs = records(root, "detail_description")
+    assert_valid(recs, "detail_description", SUBJECT_IDS)
+    assert {r["conversations"][0]["value"] for r in recs} == {"Describe the photo in detail."}
+
+
+def test_a_compaction_killed_mid_write_leaves_nothing_after_a_rerun(stage, tmp_path):
+    root = make_root(tmp_path)
+    store = DatasetRoot(root).gpt_conversation("detail_description")
+    assert stage.main(template_argv(root)) == 0
+    before = store.read_bytes()
+    # What a SIGKILL during the final compaction leaves: the atomic rewrite's temp file beside the store.
+    leftover = store.with_name(f".{store.name}.k1ll3d.tmp.jsonl")
+    leftover.write_bytes(before[: len(before) // 2])
+    assert stage.main(template_argv(root)) == 0
+    assert not leftover.exists() and store.read_bytes() == before
+    assert sorted(p.name for p in store.parent.iterdir() if p.name.startswith(f".{store.name}")) == [
+        f".{store.name}.lock"
+    ]
+
+
+def test_a_killed_first_run_is_continued_without_overwrite(stage, tmp_path):
+    whole, killed = make_root(tmp_path / "whole"), make_root(tmp_path / "killed")
+    assert stage.main(template_argv(whole)) == 0
+    # A run killed before its end: some records, a torn last line, no provenance.
+    lines = DatasetRoot(whole).gpt_conversation("detail_description").read_bytes().splitlines(keepends=True)
+    store = DatasetRoot(killed).gpt_conversation("detail_description")
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"".join(lines[:4]) + lines[4][:20])
+    assert stage.main(template_argv(killed)) == 0
+    assert store.read_bytes() == b"".join(lines)
+    assert manifest(killed, "detail_description")["written_images"] == len(SUBJECT_IDS) - 4
+
+
+def test_an_output_folder_that_cannot_be_written_exits_2_before_any_work(stage, tmp_path, capsys):
+    root = make_root(tmp_path)
+    folder = DatasetRoot(root).gpt_conversation("conversation").parent
+    folder.write_text("not a folder")  # the records' folder is taken by a file (tests run as root: no chmod)
+    assert stage.main(["--dataset-root", str(root), "--prompt-type", "conversation", "--backend", "template"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be written" in err and str(folder) in err
+    assert folder.read_text() == "not a folder"
+
+
 # The template backend and input errors --------------------------------------------------------
 
 
@@ -298,56 +392,3 @@ def test_optional_files_may_be_absent(stage, tmp_path):
     DatasetRoot(root).coco_instances.unlink()
     assert stage.main(["--dataset-root", str(root), "--prompt-type", "conversation", "--backend", "template"]) == 0
     assert_valid(records(root), "conversation", SUBJECT_IDS)
-
-
-# Library pieces ---------------------------------------------------------------------------------
-
-
-def test_parse_qa_is_strict():
-    text = "Question:\nWhat is it?\n===\nAnswer:\nA dog.\n===\nQuestion: Where?\nAnswer:\nOn the left.\n  more\n"
-    assert parse_qa(text) == [("What is it?", "A dog."), ("Where?", "On the left.\n  more")]
-    bad = [
-        "",
-        "Sure! Here is the conversation.\nQuestion: a?\nAnswer: b",
-        "Answer: b",
-        "Question: a?\n===\nQuestion: b?\nAnswer: c",
-        "Question: a?\n===\nAnswer:\n===\n",
-        "Question: a?",
-    ]
-    for text in bad:
-        with pytest.raises(MalformedAnswer):
-            parse_qa(text)
-    with pytest.raises(MalformedAnswer):
-        answer_to_conversation("complex_reasoning", "Question: a?\nAnswer: b\nQuestion: c?\nAnswer: d")
-    with pytest.raises(MalformedAnswer):
-        answer_to_conversation("detail_description", "  \n", "Describe it.")
-    assert answer_to_conversation("detail_description", " A dog. ", "Describe it.") == [
-        {"from": "human", "value": "Describe it."},
-        {"from": "gpt", "value": "A dog."},
-    ]
-
-
-def test_retry_policy_full_jitter_and_retry_after():
-    policy = RetryPolicy(max_retries=6, base_delay=1.0, max_delay=8.0)
-    delays = [policy.delay(attempt) for attempt in range(6) for _ in range(50)]
-    assert all(0 <= d <= 8.0 for d in delays) and max(delays) > 4  # grows, capped
-    assert all(policy.delay(0) <= 1.0 for _ in range(50))
-    assert policy.delay(3, retry_after=0.1) == 0.1
-    assert policy.delay(3, retry_after=3600) == 8.0
-    assert retry_after_seconds({"retry-after": "0.1"}) == 0.1
-    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
-    assert retry_after_seconds({}) is None
-
-
-def test_context_and_template_pieces():
-    assert normalise_box([0, 42.5, 212.5, 425]) == (0.0, 0.1, 0.5, 1.0)
-    assert region((0.0, 0.0, 0.2, 0.2)) == "top left" and region((0.4, 0.4, 0.6, 0.6)) == "center"
-    ctx = ImageContext(5, ("A red car next to a man.",), (ImageObject("car", (0.1, 0.5, 0.3, 0.9)),))
-    assert ctx.text() == "A red car next to a man.\ncar: [0.100, 0.500, 0.300, 0.900]"
-    bare = ImageContext(6, (), ())
-    for prompt_type in ("conversation", "detail_description", "complex_reasoning"):
-        for c in (ctx, bare):
-            turns = template_conversation(c, prompt_type, 0, ["Describe it."])
-            assert turns == template_conversation(c, prompt_type, 0, ["Describe it."])
-            assert turns and all(t["value"].strip() for t in turns)

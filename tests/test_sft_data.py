@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llava_brain.annotations import write_captions, write_instances
-from llava_brain.io import JsonlStore, write_json
+from llava_brain.io import JsonlStore, manifest_of, write_json
+from llava_brain.io import files as io_files
 from llava_brain.layout import DatasetRoot
 from llava_brain.sft import (
     INSTRUCTIONS_DIR,
@@ -194,16 +196,54 @@ def test_deterministic_idempotent_and_guarded(script, root, tmp_path, capsys):
     assert _run(script, root, "--seed", "1", "--overwrite") == 0
     assert root.sft_data("tr").read_bytes() != first["tr"]
 
-    manifest = root.sft_data("tr").with_name("sft_data_run.json")
-    manifest.unlink()  # as after a kill between writing the outputs and the manifest
-    assert _run(script, root, "--seed", "1") == 2
-    assert "sft_data_run.json" in capsys.readouterr().err
-    assert _run(script, root, "--seed", "1", "--overwrite") == 0 and manifest.is_file()
-
+    assert manifest_of(root.sft_data("tr")).is_file()
     store = JsonlStore(root.gpt_conversation("conversation"))
     store.append(_conversation_record(11, [("Who rides?", "A man.")]))
     assert _run(script, root, "--seed", "1") == 2  # a changed input needs --overwrite too
     assert "conversation.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("written", [["tr"], ["tr", "te"]], ids=["after-tr", "after-both"])
+def test_a_run_killed_before_its_manifest_is_redone_by_a_plain_rerun(script, root, tmp_path, written):
+    whole = DatasetRoot(tmp_path / "whole")
+    shutil.copytree(root.root, whole.root)
+    assert _run(script, whole) == 0
+    expected = {s: whole.sft_data(s).read_bytes() for s in ("tr", "te")}
+    # The kill states: an earlier run's files (other seed) and its manifest are gone first, then the new
+    # run wrote `written` and was killed before its manifest.
+    assert _run(script, root, "--seed", "7") == 0
+    manifest_of(root.sft_data("tr")).unlink()
+    for split in written:
+        root.sft_data(split).write_bytes(expected[split])
+    assert _run(script, root) == 0  # no manifest: unfinished, so redone (no --overwrite needed)
+    assert {s: root.sft_data(s).read_bytes() for s in ("tr", "te")} == expected
+    stamp = manifest_of(root.sft_data("tr")).stat().st_mtime_ns
+    assert _run(script, root) == 0  # now complete: nothing to do
+    assert manifest_of(root.sft_data("tr")).stat().st_mtime_ns == stamp
+
+
+def test_an_output_folder_that_cannot_be_written_exits_2_before_any_work(script, root, monkeypatch, capsys):
+    make_temp = io_files.tempfile.mkstemp
+
+    def read_only_nsd(*args, prefix=None, dir=None, **kwargs):
+        # The write probe of io.require_writable fails in nsd/, as on a read-only mount (tests run as
+        # root, for whom chmod does not stop a write).
+        if str(prefix).startswith(".write-probe") and dir is not None and Path(dir) == root.nsd:
+            raise PermissionError(30, "Read-only file system")
+        return make_temp(*args, prefix=prefix, dir=dir, **kwargs)
+
+    monkeypatch.setattr(io_files.tempfile, "mkstemp", read_only_nsd)
+    assert _run(script, root) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be written (Read-only file system" in err and "sft_data_tr.json" in err
+    assert not root.sft_data("tr").exists() and not manifest_of(root.sft_data("tr")).exists()
+
+
+def test_an_unknown_subject_exits_2_before_any_work(script, root, capsys):
+    assert _run(script, root, "--subject", "1", "3") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "subj03" in err
+    assert not root.sft_data("tr").exists()
 
 
 def test_unfinished_last_dialogue_is_skipped_and_kept(script, root):

@@ -10,11 +10,16 @@ its user message (one image) and how many earlier requests carried the same key.
 
   "429"        HTTP 429 with `Retry-After: <retry_after>` seconds
   "500"        HTTP 500
-  "slow"       a correct reply after `slow_seconds` (longer than the client's timeout)
+  "slow"       a correct reply after `slow_seconds` (longer than the client's timeout), or at once
+               when the server stops
   "malformed"  HTTP 200 whose content breaks the Question/Answer protocol
   "empty"      HTTP 200 with empty content
   "drop"       the connection is closed without any response
   "401"        HTTP 401 whose message echoes the bearer token (a careless server: clients must redact it)
+
+Holding (for tests of interrupted runs, which must not depend on how fast the machine is):
+`server.hold_after(n)` answers the next n requests as usual and then keeps every later one waiting
+until `server.release()` (or `stop()`), so a test can interrupt a client at a known point.
 
   python -m llava_brain.testing.fake_openai --latency 0.2     # serve until Ctrl-C; prints the base URL
 """
@@ -96,6 +101,9 @@ class FakeOpenAI:
         self.last_reply_at: float | None = None
         self._attempts: Counter = Counter()
         self._lock = threading.Lock()
+        self._hold_from: int | None = None  # requests with this index or later wait for `_released`
+        self._released = threading.Event()
+        self._stopping = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,7 +114,26 @@ class FakeOpenAI:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/v1"
 
+    def hold_after(self, n: int) -> None:
+        """Answer the next `n` requests, then hold every later one until `release()`."""
+        with self._lock:
+            self._released.clear()
+            self._hold_from = self.requests + n
+
+    def release(self) -> None:
+        """Let held requests (and all later ones) through."""
+        with self._lock:
+            self._hold_from = None
+        self._released.set()
+
+    def _wait_if_held(self, index: int) -> None:
+        with self._lock:
+            held = self._hold_from is not None and index >= self._hold_from
+        if held:
+            self._released.wait()
+
     def start(self) -> FakeOpenAI:
+        self._stopping.clear()
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.fake = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="fake-openai", daemon=True)
@@ -114,6 +141,8 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # wakes slow and held requests, so that no handler outlives the server
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -199,6 +228,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
         fake = self.server.fake
         query, fault = fake._register(body, self.headers.get("Authorization"))
+        fake._wait_if_held(query.index)
         if fake.latency:
             time.sleep(fake.latency)
         if fault == "drop":
@@ -216,7 +246,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "500":
             return self._send(500, {"error": {"message": "The server had an error (fake)", "type": "server_error"}})
         if fault == "slow":
-            time.sleep(fake.slow_seconds)
+            fake._stopping.wait(fake.slow_seconds)
         content = {"malformed": MALFORMED_CONTENT, "empty": ""}.get(fault or "")
         if content is None:
             content = fake.reply(body.get("messages") or [])
