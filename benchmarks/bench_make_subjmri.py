@@ -58,12 +58,11 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _make_tree(root: Path, sessions: int) -> None:
     """NSD-size raw tree via mini-NSD at full grid scale, in a child process (it peaks at ~13 GB;
-    a child keeps that out of this process, whose high-water mark forked children would inherit)."""
-    if (root / "mini_nsd.json").is_file():
-        return
-    print(f"writing NSD-size betas ({sessions} sessions x 750 trials at 81x104x83) to {root} ...", flush=True)
+    a child keeps that out of this process, whose high-water mark forked children would inherit).
+    make_mini_nsd skips a tree it finished with the same settings, so --data is reused."""
+    print(f"NSD-size betas ({sessions} sessions x 750 trials at 81x104x83) at {root} ...", flush=True)
     cmd = [
-        sys.executable, "prepare_datasets/make_mini_nsd.py", "--out", str(root), "--subjects", "1",
+        sys.executable, "prepare_datasets/make_mini_nsd.py", "--out", str(root), "--subject", "1",
         "--num-shared", "100", "--images-per-subject", str(250 * sessions),  # 3 x images / 750 trials = sessions
         "--trials-per-session", "750", "--grid-scale", "1.0", "--nifti-subjects", "--quiet",
     ]  # fmt: skip

@@ -28,19 +28,14 @@ Files are written with one line per image (greppable, diffable) and atomically.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from llava_brain.errors import BadInputError
 from llava_brain.io import read_json, write_text
-from llava_brain.nsd.constants import NUM_SUBJECTS
-from llava_brain.nsd.design import StimInfo
 
 BOX_FORMAT = "x1, y1, x2, y2: box vertices in pixels of the 425x425 NSD image"
 BOX_DECIMALS = 2
@@ -58,50 +53,6 @@ class Instances:
     info: dict[str, Any]
     categories: dict[int, str]
     images: dict[int, list[dict[str, Any]]]
-
-
-# Which images a per-image artifact covers (PNGs, COCO annotations): those some selected subject saw
-
-
-def subject_or_all(text: str) -> int | str:
-    """argparse type of `--subject`: an NSD subject number 1..8, or the word 'all'."""
-    if text == "all":
-        return text
-    try:
-        subject = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a subject number 1..{NUM_SUBJECTS} or 'all', got {text!r}"
-        ) from None
-    if not 1 <= subject <= NUM_SUBJECTS:
-        raise argparse.ArgumentTypeError(f"subject must be in 1..{NUM_SUBJECTS}, got {subject}")
-    return subject
-
-
-def images_seen_by(info: StimInfo, subjects: list[int | str]) -> tuple[list[int], np.ndarray]:
-    """(subjects, sorted 0-based nsdIds) of the images any of `subjects` saw; ["all"] = every subject who saw any.
-
-    Image i counts as seen by subject s iff `info.trials[s][i, 0] >= 0` (a first presentation happened).
-    A subject without a single shown trial is an error: it is a typo or the wrong CSV, not an empty set.
-    """
-    shown = {s: np.flatnonzero(trials[:, 0] >= 0) for s, trials in info.trials.items()}
-    with_trials = sorted(s for s, ids in shown.items() if ids.size)
-    if "all" in subjects:
-        if len(subjects) > 1:
-            raise ValueError(f"--subject all cannot be combined with subject numbers, got {subjects}")
-        if not with_trials:
-            raise BadInputError(info.path, "no subject has a shown trial (every subjectK_rep0 is 0)")
-        subjects = with_trials
-    subjects = sorted(set(subjects))
-    for subject in subjects:
-        if subject not in with_trials:
-            raise BadInputError(
-                info.path,
-                f"subject {subject} has no shown trial (subject{subject}_rep0 is 0 or absent); "
-                f"subjects with trials: {with_trials}",
-            )
-    nsd_ids = np.unique(np.concatenate([shown[s] for s in subjects]))
-    return subjects, nsd_ids
 
 
 # Writing

@@ -54,16 +54,21 @@ def split_key(split: str, field: str = "") -> str:
 
 
 def subject_arg(text: str) -> int | str:
-    """argparse type of one `--subject` value: a subject number 1..8 or 'all' (checked against data later)."""
+    """argparse type of one `--subject` value: a subject number or 'all'.
+
+    Only the syntax is checked here; whether the data hold the subject (NSD has 1..8) is decided by
+    `resolve_subjects`, which names the folder and the subjects found in one line.
+    """
     if text.lower() == ALL:
         return ALL
     try:
         subject = int(text)
     except ValueError:
-        expected = f"expected a subject number 1..{NUM_SUBJECTS} or 'all'"
-        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
-    if not 1 <= subject <= NUM_SUBJECTS:
-        raise argparse.ArgumentTypeError(f"subject must be in 1..{NUM_SUBJECTS}, got {subject}")
+        raise argparse.ArgumentTypeError(
+            f"expected a subject number (NSD: 1..{NUM_SUBJECTS}) or 'all', got {text!r}"
+        ) from None
+    if not 1 <= subject <= 99:
+        raise argparse.ArgumentTypeError(f"a subject number is 1..99 (NSD: 1..{NUM_SUBJECTS}), got {subject}")
     return subject
 
 

@@ -5,6 +5,10 @@ annotation files of the raw tree, and writes `<dataset-root>/nsd/nsd_coco_captio
 `nsd_coco_instances.json`, keyed by nsdId (formats: `llava_brain/annotations.py`). Boxes are cut to
 NSD's square crop and scaled to the 425 x 425 image; objects cropped away are dropped.
 
+Each file gets `<file>.run.json` (io.StageRun: the resolved settings and the fingerprints of the CSV
+and COCO files read), written after it: a rerun with the same settings and inputs skips, with other
+ones refuses (exit 2, naming what changed) unless --overwrite.
+
   python prepare_datasets/make_coco_annotations.py --nsd-root /data/nsd --dataset-root /data/brain --subject 1 2 5 7
   python prepare_datasets/make_coco_annotations.py --nsd-root data/mini_nsd --dataset-root /tmp/tiny --subject all
 """
@@ -12,26 +16,35 @@ NSD's square crop and scaled to the 425 x 425 image; objects cropped away are dr
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from llava_brain.annotations import images_seen_by, read_info, subject_or_all, write_captions, write_instances
+from llava_brain import cli
+from llava_brain.annotations import write_captions, write_instances
 from llava_brain.errors import BadInputError, exits_on_bad_input
-from llava_brain.layout import DatasetRoot, NsdTree, default_data_root
+from llava_brain.io import StageRun, require_writable
+from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import CocoAnnotations, StimInfo, coco_box_to_nsd
 from llava_brain.nsd.constants import IMAGE_SIZE
+from llava_brain.nsd.design import stim_info_subjects
 
 log = logging.getLogger("make_coco_annotations")
+# The "info" of each file: what it is (the format needs the object); provenance is in <file>.run.json.
+CAPTIONS_INFO = "COCO 2017 captions of NSD images, keyed by 0-based nsdId"
+INSTANCES_INFO = "COCO 2017 instance boxes of NSD images in 425 x 425 NSD pixels, keyed by 0-based nsdId"
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        add_help=add_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a renamed flag's old prefix (--all of --all-images) must not still work
     )
     # Data
     p.add_argument(
@@ -41,22 +54,17 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="root of the raw NSD tree (nsd_stim_info_merged.csv and the COCO 2017 annotation JSONs, "
         "nsddata_stimuli/stimuli/nsd/annotations/{captions,instances}_{train2017,val2017}.json)",
     )
-    p.add_argument(
-        "--dataset-root",
-        type=Path,
-        default=default_data_root(),
-        help="prepared dataset root; writes <root>/nsd/nsd_coco_{captions,instances}.json (default: $BRAIN_DATA_ROOT)",
-    )
+    cli.add_dataset_root(p, "prepared dataset root; writes <root>/nsd/nsd_coco_{captions,instances}.json")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument(
-        "--subject",
-        type=subject_or_all,
-        nargs="+",
-        metavar="S",
+    cli.add_subject(
+        p,
+        source=lambda args: stim_info_subjects(args.nsd_root),
+        default=None,
+        group=which,
         help="NSD subjects (1-8) whose seen images to annotate, or 'all' = every subject with a shown trial "
         "in nsd_stim_info_merged.csv (the paper: 1 2 5 7)",
     )
-    which.add_argument("--all", action="store_true", help="annotate every image of the CSV (NSD: 73000)")
+    which.add_argument("--all-images", action="store_true", help="annotate every image of the CSV (NSD: 73000)")
     # Boxes
     p.add_argument(
         "--min-visible",
@@ -67,9 +75,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "(0 = any overlap); boxes are always clipped to the crop",
     )
     # Output
-    p.add_argument(
-        "--overwrite", action="store_true", help="rewrite both files even if they exist (needed when settings change)"
-    )
+    cli.add_overwrite(p, "rewrite both files even if they are current (needed when settings or inputs changed)")
     return p
 
 
@@ -132,77 +138,68 @@ def merged_categories(coco: dict[str, CocoAnnotations]) -> dict[int, str]:
     return categories
 
 
-def up_to_date(paths: list[Path], settings: dict) -> bool:
-    """True if every output exists with `settings`; BadInputError if one exists with other settings."""
-    complete = True
-    for path in paths:
-        if not path.exists():
-            complete = False
-            continue
-        try:
-            previous = read_info(path).get("settings")
-        except BadInputError as err:
-            raise BadInputError(path, f"{err.expectation}; pass --overwrite to replace it") from None
-        if previous != settings:
-            raise BadInputError(
-                path, f"was written with other settings ({previous}, now {settings}); pass --overwrite to replace it"
-            )
-    return complete
+def publish(run: StageRun, args: argparse.Namespace, write: Callable[[Path], object], **counts) -> None:
+    """Write one output file, then its provenance (last). Under --overwrite the old provenance goes first,
+    so a kill between the two leaves a file a rerun redoes, never a new file under the old settings."""
+    if args.overwrite:
+        run.manifest.unlink(missing_ok=True)
+    write(run.output)
+    run.finish(args, **counts)
+    log.info("wrote %s (%s)", run.output, ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in counts.items()))
 
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Sanity checks
-    if args.dataset_root is None:
-        parser.error("--dataset-root is required (or set $BRAIN_DATA_ROOT)")
     if not 0.0 <= args.min_visible <= 1.0:
         parser.error(f"--min-visible is a fraction in [0, 1], got {args.min_visible}")
-    if args.subject and "all" in args.subject and len(args.subject) > 1:
-        parser.error(f"--subject all cannot be combined with subject numbers, got {args.subject}")
 
     start = time.perf_counter()
     tree, root = NsdTree(args.nsd_root), DatasetRoot(args.dataset_root)
+    for output in (root.coco_captions, root.coco_instances):
+        require_writable(output, "--dataset-root")
     info = StimInfo.load(tree.stim_info)
-    subjects, nsd_ids = (None, np.arange(len(info))) if args.all else images_seen_by(info, args.subject)
-    # JSON round trip so that the comparison with a file's info sees the same types (lists, floats).
-    settings = json.loads(json.dumps({"subjects": subjects, "min_visible": args.min_visible, "image_size": IMAGE_SIZE}))
-    outputs = [root.coco_captions, root.coco_instances]
-    if not args.overwrite and up_to_date(outputs, settings):
-        log.info("%s and %s are up to date (same settings); nothing to do", *outputs)
+    nsd_ids = np.arange(len(info)) if args.all_images else info.images_seen_by(args.subject)
+    splits = sorted(set(info.coco_split[nsd_ids].tolist()))
+    settings = {
+        "selection": "all-images" if args.all_images else {"subjects": args.subject},
+        "min_visible": args.min_visible,
+        "image_size": IMAGE_SIZE,
+    }
+    runs = {
+        kind: StageRun(
+            output,
+            settings=settings,
+            inputs={"stim_info": info.path, "coco": [tree.coco_annotations(kind, s) for s in splits]},
+        )
+        for kind, output in (("captions", root.coco_captions), ("instances", root.coco_instances))
+    }
+    # Both are checked before either is written: a refusal leaves the pair as it was.
+    needed = {kind: run.needed(args.overwrite, complete=run.output.is_file()) for kind, run in runs.items()}
+    if not any(needed.values()):
+        log.info(
+            "%s and %s are current (same settings and inputs); nothing to do", root.coco_captions, root.coco_instances
+        )
         return 0
 
-    splits = sorted(set(info.coco_split[nsd_ids].tolist()))
-    captions = nsd_captions(info, nsd_ids, load_coco(tree, "captions", splits))
-    coco_instances = load_coco(tree, "instances", splits)
-    instances, dropped = nsd_instances(info, nsd_ids, coco_instances, args.min_visible)
-    sources = [str(tree.coco_annotations(kind, s)) for kind in ("captions", "instances") for s in splits]
-    base = {
-        "description": "COCO 2017 annotations of NSD images, keyed by 0-based nsdId",
-        "sources": [str(info.path), *sources],
-        "settings": settings,
-        "num_images": len(nsd_ids),
-    }
-    num_captions = sum(map(len, captions.values()))
-    num_objects = sum(map(len, instances.values()))
-    write_instances(
-        root.coco_instances,
-        instances,
-        merged_categories(coco_instances),
-        {**base, "num_instances": num_objects, "num_dropped_cropped_away": dropped},
-    )
-    write_captions(root.coco_captions, captions, {**base, "num_captions": num_captions})
-    log.info(
-        "wrote %d captions and %d boxes (%d objects cropped away) of %d images to %s in %.1f s",
-        num_captions,
-        num_objects,
-        dropped,
-        len(nsd_ids),
-        root.nsd,
-        time.perf_counter() - start,
-    )
+    # Both are computed before either is written: bad input in one leaves both files as they were.
+    if needed["captions"]:
+        captions = nsd_captions(info, nsd_ids, load_coco(tree, "captions", splits))
+    if needed["instances"]:
+        coco = load_coco(tree, "instances", splits)
+        instances, dropped = nsd_instances(info, nsd_ids, coco, args.min_visible)
+        categories = merged_categories(coco)
+    if needed["captions"]:
+        publish(runs["captions"], args, lambda path: write_captions(path, captions, {"description": CAPTIONS_INFO}),
+                num_images=len(nsd_ids), num_captions=sum(map(len, captions.values())))  # fmt: skip
+    if needed["instances"]:
+        publish(runs["instances"], args,
+                lambda path: write_instances(path, instances, categories, {"description": INSTANCES_INFO}),
+                num_images=len(nsd_ids), num_instances=sum(map(len, instances.values())),
+                num_dropped_cropped_away=dropped)  # fmt: skip
+    log.info("done in %.1f s", time.perf_counter() - start)
     return 0
 
 

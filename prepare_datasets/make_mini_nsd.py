@@ -4,41 +4,53 @@ The tree it writes (betas HDF5/NIfTI, ROI volumes, nsd_expdesign.mat, nsd_stim_i
 nsd_stimuli.hdf5, COCO annotations) is consumed unchanged by every stage that reads real NSD.
 What it simulates and how its files map to real NSD: docs/mini_nsd.md.
 
-  python prepare_datasets/make_mini_nsd.py --out data/mini_nsd                      # default: 4 subjects, ~16 s
-  python prepare_datasets/make_mini_nsd.py --out /tmp/tiny --subjects 1 --sessions 2  # smoke
+The tree is built in `.<out>.partial` and swapped in whole, with `run.json` (the settings) written
+last; a rerun with the same settings skips, with other settings refuses (exit 2) unless --overwrite,
+and after a kill removes the staging folder and starts again (same seed, same files).
+
+  python prepare_datasets/make_mini_nsd.py --out data/mini_nsd                     # default: 4 subjects, ~16 s
+  python prepare_datasets/make_mini_nsd.py --out /tmp/tiny --subject 1 --sessions 2  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
+from llava_brain import cli
 from llava_brain.errors import BadInputError, exits_on_bad_input
-from llava_brain.io import read_json, write_run_json
-from llava_brain.simulate import MANIFEST, MiniNsdConfig, write_mini_nsd
+from llava_brain.io import StageRun, manifest_of, require_writable
+from llava_brain.nsd.constants import NUM_SUBJECTS
+from llava_brain.simulate import MiniNsdConfig, write_mini_nsd
 
 log = logging.getLogger("make_mini_nsd")
+
+
+def nsd_subjects(args: argparse.Namespace) -> tuple[range, Path, str]:
+    """`--subject` source: any of NSD's 8 subjects can be simulated ('all' = 1..8)."""
+    return range(1, NUM_SUBJECTS + 1), args.out, "NSD subjects"
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     defaults = MiniNsdConfig()
     p = argparse.ArgumentParser(
-        description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        add_help=add_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # a renamed flag's old prefix (--all of --all-images) must not still work
     )
     # Output
     p.add_argument("--out", type=Path, required=True, help="folder to create; it becomes the raw NSD root")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing mini-NSD at --out")
+    cli.add_overwrite(p, "replace an existing mini-NSD at --out (made with other settings, or not finished)")
     # Design
-    p.add_argument(
-        "--subjects",
-        type=int,
-        nargs="+",
-        default=list(defaults.subjects),
-        help="NSD subject numbers (1-8) to simulate; each gets its own grid (NSD's scaled down)",
+    cli.add_subject(
+        p,
+        source=nsd_subjects,
+        default=defaults.subjects,
+        help="NSD subject numbers (1-8) to simulate, or 'all'; each gets its own grid (NSD's scaled down). "
+        f"Default: {' '.join(map(str, defaults.subjects))}",
     )
     p.add_argument(
         "--sessions",
@@ -88,16 +100,17 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="range of the noise-ceiling SNR (signal sd / noise sd) of visual voxels",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    cli.add_quiet(p)
     return p  # fmt: skip
 
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = MiniNsdConfig(
-        subjects=tuple(args.subjects),
+        subjects=tuple(args.subject),
         sessions=args.sessions,
         seed=args.seed,
         num_shared=args.num_shared,
@@ -110,23 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg.validate()
     except ValueError as err:
-        build_parser().error(str(err))
+        parser.error(str(err))
+    require_writable(args.out, "--out")
 
-    manifest = args.out / MANIFEST
-    if args.out.exists() and not args.overwrite:
-        if not manifest.is_file():
-            raise BadInputError(
-                args.out, "exists but is not a finished mini-NSD tree; pass --overwrite or another --out"
-            )
-        previous = read_json(manifest, "a mini-NSD manifest")
-        if previous.get("config", {}) != json.loads(json.dumps(cfg.__dict__)):
-            raise BadInputError(manifest, "was written with other settings; pass --overwrite to regenerate")
+    run = StageRun(args.out, settings=cfg.settings())  # simulated: no input files
+    if args.out.exists() and not args.overwrite and not manifest_of(args.out).is_file():
+        # Not ours (or a tree written without the CLI): never replace a folder we did not finish.
+        raise BadInputError(args.out, "exists but is not a finished mini-NSD tree; pass --overwrite or another --out")
+    if not run.needed(args.overwrite):
         log.info("mini-NSD already complete at %s (same settings); nothing to do", args.out)
         return 0
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    summary = write_mini_nsd(args.out, cfg, progress=not args.quiet)
-    write_run_json(args.out, args, summary=summary)
+    summary = write_mini_nsd(
+        args.out, cfg, progress=not args.quiet, replace=True,
+        finish=lambda staging, summary: run.finish(args, into=staging, summary=summary),
+    )  # fmt: skip
     log.info("wrote mini-NSD to %s in %.1f s", args.out, summary["seconds"])
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from stage_checks import error_line
 
 from llava_brain.annotations import (
     BOX_FORMAT,
@@ -19,6 +20,7 @@ from llava_brain.annotations import (
     write_instances,
 )
 from llava_brain.errors import BadInputError
+from llava_brain.io import manifest_of
 from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import StimInfo
 
@@ -110,8 +112,12 @@ def _run(script, tree: NsdTree, root: Path, *flags: str) -> int:
     return script.main(["--nsd-root", str(tree.root), "--dataset-root", str(root), *flags])
 
 
+def _provenance(path: Path) -> dict:
+    return json.loads(manifest_of(path).read_text())
+
+
 def test_boxes_land_where_computed_by_hand(script, tree, tmp_path):
-    assert _run(script, tree, tmp_path / "out", "--all") == 0
+    assert _run(script, tree, tmp_path / "out", "--all-images") == 0
     instances = load_instances(DatasetRoot(tmp_path / "out").coco_instances)
     assert instances.categories == {1: "person", 2: "dog"}
     assert instances.info["box_format"] == BOX_FORMAT
@@ -122,7 +128,7 @@ def test_boxes_land_where_computed_by_hand(script, tree, tmp_path):
         for obj, (_, box, _) in zip(got, expected, strict=True):
             assert obj["box"] == pytest.approx(box, abs=0.005 + 1e-9)  # rounded to 2 decimals
             assert obj["category_id"] == {"person": 1, "dog": 2}[obj["category"]]
-    assert instances.info["num_dropped_cropped_away"] == 2
+    assert _provenance(DatasetRoot(tmp_path / "out").coco_instances)["num_dropped_cropped_away"] == 2
 
 
 def test_captions_follow_the_split_column_and_annotation_order(script, tree, tmp_path):
@@ -136,7 +142,11 @@ def test_captions_follow_the_split_column_and_annotation_order(script, tree, tmp
 
 
 def test_subject_selection(script, tree, tmp_path):
-    for flags, expected in ((["--subject", "2"], [2]), (["--subject", "all"], [0, 1, 2]), (["--all"], [0, 1, 2, 3])):
+    for flags, expected in (
+        (["--subject", "2"], [2]),
+        (["--subject", "all"], [0, 1, 2]),
+        (["--all-images"], [0, 1, 2, 3]),
+    ):
         root = DatasetRoot(tmp_path / "_".join(flags))
         assert _run(script, tree, root.root, *flags) == 0
         assert sorted(read_captions(root.coco_captions)) == sorted(read_instances(root.coco_instances)) == expected
@@ -156,19 +166,20 @@ def test_rerun_skips_and_other_settings_need_overwrite(script, tree, tmp_path, c
     root = DatasetRoot(tmp_path / "out")
     outputs = (root.coco_captions, root.coco_instances)
     assert _run(script, tree, root.root, "--subject", "all") == 0
-    assert read_info(root.coco_captions)["settings"]["subjects"] == [1, 2]  # 'all' is recorded resolved
-    stamps = [p.stat().st_mtime_ns for p in outputs]
+    assert _provenance(root.coco_captions)["settings"]["selection"] == {"subjects": [1, 2]}  # 'all' resolved
+    assert read_info(root.coco_captions) == {"description": script.CAPTIONS_INFO}  # provenance is beside it
+    stamps = [p.stat().st_mtime_ns for p in (*outputs, *map(manifest_of, outputs))]
     assert _run(script, tree, root.root, "--subject", "2", "1") == 0  # the same selection: nothing redone
-    assert [p.stat().st_mtime_ns for p in outputs] == stamps
+    assert [p.stat().st_mtime_ns for p in (*outputs, *map(manifest_of, outputs))] == stamps
 
     capsys.readouterr()
     for other in (["--subject", "1"], ["--subject", "all", "--min-visible", "0.5"]):
         assert _run(script, tree, root.root, *other) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and "--overwrite" in err and str(root.coco_captions) in err
-    assert [p.stat().st_mtime_ns for p in outputs] == stamps
+    assert [p.stat().st_mtime_ns for p in (*outputs, *map(manifest_of, outputs))] == stamps
     assert _run(script, tree, root.root, "--subject", "all", "--min-visible", "0.5", "--overwrite") == 0
-    assert read_info(root.coco_instances)["settings"]["min_visible"] == 0.5
+    assert _provenance(root.coco_instances)["settings"]["min_visible"] == 0.5
 
     root.coco_captions.unlink()  # as if killed between the two writes: the rerun completes the pair
     assert _run(script, tree, root.root, "--subject", "all", "--min-visible", "0.5") == 0
@@ -185,11 +196,34 @@ def test_bad_input_exits_2_naming_the_file(script, tree, tmp_path, capsys, break
         tree.coco_annotations("instances", "val2017").unlink()
         culprit, expected = tree.coco_annotations("instances", "val2017"), "missing"
     else:
-        flags, culprit, expected = ["--subject", "3"], tree.stim_info, "subject 3"
+        flags, culprit, expected = ["--subject", "3"], tree.stim_info, "subj03"
     assert _run(script, tree, tmp_path / "out", *flags) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and str(culprit) in err and expected in err
     assert not (tmp_path / "out").exists()
+
+
+def test_changed_stimulus_table_refuses_until_overwrite(script, tree, tmp_path, capsys):
+    """The CSV decides crops and COCO ids, so a rewritten CSV makes both files stale: exit 2 naming the
+    input, nothing rewritten; --overwrite redoes them from the new table."""
+    root = DatasetRoot(tmp_path / "out")
+    assert _run(script, tree, root.root, "--subject", "2") == 0
+    before = read_instances(root.coco_instances)[2][0]["box"]
+    tree.stim_info.write_text(tree.stim_info.read_text().replace('"(0, 0, 0, 0)"', '"(0, 0.5, 0, 0.5)"', 1))
+    capsys.readouterr()
+    assert _run(script, tree, root.root, "--subject", "2") == 2
+    line = error_line(capsys)
+    assert str(root.coco_captions) in line and "input stim_info changed" in line and "--overwrite" in line
+    assert read_instances(root.coco_instances)[2][0]["box"] == before
+    assert _run(script, tree, root.root, "--subject", "2", "--overwrite") == 0
+    assert read_instances(root.coco_instances)[2][0]["box"] != before
+
+
+def test_unwritable_dataset_root_exits_2_in_one_line(script, tree, tmp_path, capsys):
+    (tmp_path / "file").write_text("")  # a regular file cannot hold a folder, even for root
+    assert _run(script, tree, tmp_path / "file" / "root", "--subject", "1") == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {DatasetRoot(tmp_path / 'file' / 'root').coco_captions}: ")
 
 
 def test_mini_nsd_every_seen_image_has_captions_and_boxes_in_the_image(script, small_tree, tmp_path):

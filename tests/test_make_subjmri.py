@@ -1,34 +1,28 @@
 """make_subjmri: raw NSD betas -> z-scored whole-brain and area arrays, split by the shared images.
 
 Expected values are recomputed here from the raw files (h5py, nibabel, scipy) without the
-library's readers, so a reader and the extractor cannot agree on the same mistake.
+library's readers, so a reader and the extractor cannot agree on the same mistake. Reruns, kills
+and bad input: tests/test_make_subjmri_reruns.py; the HDF5 chunk reader: test_betas_chunk_reader.py.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from scipy.io import loadmat, savemat
+from scipy.io import loadmat
+from stage_checks import assert_same_files
 
 from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import extract
-from llava_brain.nsd.betas import BetaSession
 from llava_brain.nsd.design import ExpDesign, repeat_index
-from llava_brain.simulate import MiniNsdConfig, write_mini_nsd
 
-from conftest import REPO, SMALL, load_script
+from conftest import SMALL, load_script
 
 make_subjmri = load_script("prepare_datasets/make_subjmri.py")
 
@@ -47,22 +41,6 @@ def run(tree: NsdTree | Path, root: Path, *extra: str) -> int:
 
 def fmris(root: Path) -> Path:
     return DatasetRoot(root).nsd / "fmris"
-
-
-def output_bytes(subject_dir: Path) -> dict[str, bytes]:
-    """Every file of a subject folder except run.json (which records argv, time and host), by relative path."""
-    return {
-        str(p.relative_to(subject_dir)): p.read_bytes()
-        for p in sorted(subject_dir.rglob("*"))
-        if p.is_file() and p.name != "run.json"
-    }
-
-
-def assert_same_outputs(a: Path, b: Path) -> None:
-    left, right = output_bytes(a), output_bytes(b)
-    assert sorted(left) == sorted(right)
-    different = [name for name in left if left[name] != right[name]]
-    assert not different, f"files differ between {a} and {b}: {different}"
 
 
 def raw_sessions(tree: NsdTree, subject: int) -> dict[int, np.ndarray]:
@@ -99,12 +77,6 @@ def design_arrays(tree: NsdTree, subject: int) -> tuple[np.ndarray, np.ndarray]:
 def leftovers(root: Path) -> list[str]:
     """Names under <root>/nsd/fmris/ (subject folders, .subjXX.partial staging, ...), sorted."""
     return sorted(p.name for p in fmris(root).iterdir()) if fmris(root).exists() else []
-
-
-def error_line(capsys) -> str:
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +185,8 @@ def test_block_size_and_prefetch_do_not_change_the_output(small_tree, prepared, 
     assert run(small_tree, tmp_path / "a", "--prefetch", "0") == 0
     assert run(small_tree, tmp_path / "b", "--prefetch", "3") == 0
     for subject in ("subj01", "subj05"):
-        assert_same_outputs(fmris(prepared) / subject, fmris(tmp_path / "a") / subject)
-        assert_same_outputs(fmris(prepared) / subject, fmris(tmp_path / "b") / subject)
+        assert_same_files(fmris(prepared) / subject, fmris(tmp_path / "a") / subject)
+        assert_same_files(fmris(prepared) / subject, fmris(tmp_path / "b") / subject)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +283,7 @@ def test_sessions_all_equals_the_default(small_tree, prepared, tmp_path):
     for spec in ("all", "1-3", "3,1-2"):
         root = tmp_path / spec.replace(",", "_")
         assert run(small_tree, root, "--subject", "5", "--sessions", spec) == 0
-        assert_same_outputs(fmris(prepared) / "subj05", fmris(root) / "subj05")
+        assert_same_files(fmris(prepared) / "subj05", fmris(root) / "subj05")
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,380 +295,6 @@ def test_nifti_betas_give_the_hdf5_output_byte_for_byte(small_tree, prepared, tm
     --subject all then means the subjects that have NIfTI betas (only subj01 in the small tree)."""
     assert run(small_tree, tmp_path, "--betas-format", "nifti") == 0
     assert leftovers(tmp_path) == ["subj01"]
-    assert_same_outputs(fmris(prepared) / "subj01", fmris(tmp_path) / "subj01")
+    assert_same_files(fmris(prepared) / "subj01", fmris(tmp_path) / "subj01")
     settings = json.loads((fmris(tmp_path) / "subj01" / "run.json").read_text())["settings"]
     assert settings["betas_format"] == "nifti"
-
-
-# --------------------------------------------------------------------------------------------
-# 5. Reruns
-
-
-def test_rerun_skips_refuses_other_settings_and_overwrite_redoes(small_tree, tmp_path, capsys):
-    """Same settings: nothing is rewritten. Other --sessions: exit 2 naming run.json and --overwrite,
-    nothing touched. --overwrite: the subject is redone with the new settings."""
-    root = tmp_path / "root"
-    assert run(small_tree, root, "--subject", "1") == 0
-    subject_dir = fmris(root) / "subj01"
-    before = {p: p.stat().st_mtime_ns for p in subject_dir.rglob("*")}
-    content = output_bytes(subject_dir)
-    time.sleep(0.02)  # so a rewrite would show in the nanosecond mtimes
-
-    assert run(small_tree, root, "--subject", "1") == 0
-    assert {p: p.stat().st_mtime_ns for p in subject_dir.rglob("*")} == before
-    capsys.readouterr()
-
-    assert run(small_tree, root, "--subject", "1", "--sessions", "1-2") == 2
-    line = error_line(capsys)
-    assert line.startswith(f"error: {subject_dir / 'run.json'}: ")
-    assert "--overwrite" in line
-    assert {p: p.stat().st_mtime_ns for p in subject_dir.rglob("*")} == before
-
-    assert run(small_tree, root, "--subject", "1", "--sessions", "1-2", "--overwrite") == 0
-    assert json.loads(DatasetRoot(root).whole_meta(1).read_text())["sessions"] == [1, 2]
-    assert json.loads((subject_dir / "run.json").read_text())["settings"]["sessions"] == [1, 2]
-    assert output_bytes(subject_dir) != content
-    assert run(small_tree, tmp_path / "fresh", "--subject", "1", "--sessions", "1-2") == 0
-    assert_same_outputs(fmris(tmp_path / "fresh") / "subj01", subject_dir)
-    assert leftovers(root) == ["subj01"]  # no .partial / .old left
-
-
-# --------------------------------------------------------------------------------------------
-# 6. Kill and resume
-
-
-KILL_TREE = dict(subjects=(1, 2), grid_scale=0.33, images_per_subject=100, num_shared=20, trials_per_session=75,
-                 nifti_subjects=())  # fmt: skip
-
-
-def _start(tree: Path, root: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "prepare_datasets/make_subjmri.py", "--nsd-root", str(tree), "--dataset-root", str(root),
-           "--quiet"]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"run ended (rc {proc.returncode}) before the kill point: {proc.stderr.read().decode()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("kill point not reached in time")
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-
-
-def _assert_no_incomplete_subject(root: Path, reference: Path) -> None:
-    for folder in fmris(root).glob("subj*"):
-        assert_same_outputs(fmris(reference) / folder.name, folder)
-        assert (folder / "run.json").is_file()
-
-
-def test_killed_run_resumes_to_the_uninterrupted_output(tmp_path):
-    """SIGKILL mid-subject, then again just after subj01 is finished: no subjXX folder is ever incomplete,
-    a rerun finishes, and every file equals an uninterrupted run's; no staging folder remains."""
-    tree = tmp_path / "nsd"
-    write_mini_nsd(tree, MiniNsdConfig(**KILL_TREE), progress=False)
-    reference = tmp_path / "reference"
-    assert run(tree, reference) == 0
-
-    root = tmp_path / "root"
-    staging = fmris(root) / ".subj01.partial"
-    # Kill 1: subj01 is half-written (its whole-brain arrays exist inside the staging folder).
-    proc = _start(tree, root)
-    _kill_when(proc, lambda: (staging / "whole" / "nsd_betas_te.npy").exists())
-    assert staging.is_dir() and not (fmris(root) / "subj01").exists()
-    _assert_no_incomplete_subject(root, reference)
-
-    # Kill 2: the rerun cleans the staging folder, finishes subj01 and is killed right after.
-    proc = _start(tree, root)
-    _kill_when(proc, lambda: (fmris(root) / "subj01").is_dir())
-    _assert_no_incomplete_subject(root, reference)
-    assert not (fmris(root) / "subj02").exists()
-    mtimes = {p: p.stat().st_mtime_ns for p in (fmris(root) / "subj01").rglob("*")}
-
-    assert run(tree, root) == 0
-    assert leftovers(root) == ["subj01", "subj02"]  # no .partial left
-    assert {p: p.stat().st_mtime_ns for p in (fmris(root) / "subj01").rglob("*")} == mtimes  # skipped
-    for subject in ("subj01", "subj02"):
-        assert_same_outputs(fmris(reference) / subject, fmris(root) / subject)
-
-
-@pytest.mark.parametrize("leftover", [".subj01.partial", ".subj01.old"])
-def test_rerun_leaves_no_staging_of_a_killed_overwrite(small_tree, tmp_path, leftover):
-    """A run killed during --overwrite leaves subj01/ (old, finished) plus .subj01.partial, or, killed
-    between the two renames of the swap, .subj01.old plus .subj01.partial. The next run must not keep
-    these hidden copies (at NSD scale ~40 GB each) forever."""
-    root = tmp_path / "root"
-    assert run(small_tree, root, "--subject", "1") == 0
-    subject_dir = fmris(root) / "subj01"
-    if leftover == ".subj01.partial":  # killed while the redo was being staged
-        shutil.copytree(subject_dir, fmris(root) / leftover)
-    else:  # killed after `final.rename(old)`, before `staging.rename(final)`
-        shutil.copytree(subject_dir, fmris(root) / ".subj01.partial")
-        subject_dir.rename(fmris(root) / leftover)
-    assert run(small_tree, root, "--subject", "1") == 0
-    assert leftovers(root) == ["subj01"]
-
-
-# --------------------------------------------------------------------------------------------
-# 7. Bad input
-
-
-def _rewrite_betas(path: Path, data: np.ndarray, **kw) -> None:
-    path.unlink()
-    with h5py.File(path, "w") as f:
-        f.create_dataset("betas", data=data, **kw)
-
-
-def _session(tree: NsdTree, session: int) -> np.ndarray:
-    with h5py.File(tree.betas(1, session), "r") as f:
-        return f["betas"][()]
-
-
-def damage_missing_session(tree: NsdTree) -> Path:
-    tree.betas(1, 2).unlink()
-    return tree.betas(1, 2)
-
-
-def damage_trial_count(tree: NsdTree) -> Path:
-    _rewrite_betas(tree.betas(1, 2), _session(tree, 2)[:20], chunks=(20, 1, 1, 1))
-    return tree.betas(1, 2)
-
-
-def damage_dtype(tree: NsdTree) -> Path:
-    _rewrite_betas(tree.betas(1, 3), _session(tree, 3).astype(np.float32))
-    return tree.betas(1, 3)
-
-
-def damage_rank(tree: NsdTree) -> Path:
-    _rewrite_betas(tree.betas(1, 2), _session(tree, 2)[:, 0])
-    return tree.betas(1, 2)
-
-
-def damage_session_grid(tree: NsdTree) -> Path:
-    _rewrite_betas(tree.betas(1, 3), _session(tree, 3)[:, :, :, :-1])
-    return tree.betas(1, 3)
-
-
-def damage_roi_grid(tree: NsdTree) -> Path:
-    path = tree.roi(1, "nsdgeneral")
-    img = nib.load(path)
-    data = np.asanyarray(img.dataobj)[:-1, :, 1:]
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(data), img.affine), path)
-    return path
-
-
-def damage_brainmask_grid(tree: NsdTree) -> Path:
-    path = tree.brainmask(1)
-    img = nib.load(path)
-    nib.save(nib.Nifti1Image(np.zeros((5, 6, 7), np.int16), img.affine), path)
-    return path
-
-
-def damage_design(tree: NsdTree) -> Path:
-    tree.expdesign.unlink()
-    return tree.expdesign
-
-
-def damage_not_hdf5(tree: NsdTree) -> Path:
-    tree.betas(1, 1).write_bytes(b"not an hdf5 file\n" * 100)
-    return tree.betas(1, 1)
-
-
-@pytest.mark.parametrize(
-    "damage",
-    [
-        damage_missing_session,
-        damage_trial_count,
-        damage_dtype,
-        damage_rank,
-        damage_session_grid,
-        damage_roi_grid,
-        damage_brainmask_grid,
-        damage_design,
-        damage_not_hdf5,
-    ],
-)
-def test_bad_input_exits_2_naming_the_file_and_leaves_nothing(small_tree, tmp_path, capsys, damage):
-    """Each damaged input: exit 2, one stderr line 'error: <that file>: ...', no subj01 nor staging folder."""
-    tree = NsdTree(tmp_path / "nsd")
-    shutil.copytree(small_tree.root, tree.root)
-    offending = damage(tree)
-    root = tmp_path / "root"
-    assert run(tree, root, "--subject", "1") == 2
-    assert error_line(capsys).startswith(f"error: {offending}: ")
-    assert leftovers(root) == []
-
-
-def test_unselectable_sessions_and_subjects_exit_2(small_tree, tmp_path, capsys):
-    """--sessions past the last file names the missing file; a subject without betas names its folder."""
-    root = tmp_path / "root"
-    assert run(small_tree, root, "--subject", "1", "--sessions", "3-4") == 2
-    assert error_line(capsys).startswith(f"error: {small_tree.betas(1, 4)}: ")
-    assert run(small_tree, root, "--subject", "3") == 2
-    assert error_line(capsys).startswith(f"error: {small_tree.betas_dir(3)}: ")
-    assert leftovers(root) == []
-
-
-def test_grid_error_names_the_odd_session_out(small_tree, tmp_path, capsys):
-    """Session 1 has a grid unlike sessions 2, 3 and the ROI volumes: the error must name session 1,
-    not the first healthy session compared against it."""
-    tree = NsdTree(tmp_path / "nsd")
-    shutil.copytree(small_tree.root, tree.root)
-    _rewrite_betas(tree.betas(1, 1), _session(tree, 1)[:, :, :, :-1])
-    root = tmp_path / "root"
-    assert run(tree, root, "--subject", "1") == 2
-    assert error_line(capsys).startswith(f"error: {tree.betas(1, 1)}: ")
-    assert leftovers(root) == []
-
-
-def test_no_training_trials_exit_2_and_leave_no_staging(small_tree, tmp_path, capsys):
-    """Selected sessions that show only shared images have no training trials: exit 2 with one line, and
-    (like every other bad input) no subj01 nor .subj01.partial left behind."""
-    tree = NsdTree(tmp_path / "nsd")
-    shutil.copytree(small_tree.root, tree.root)
-    mat = loadmat(tree.expdesign)
-    order = mat["masterordering"].copy()
-    num_shared = mat["sharedix"].shape[1]  # mini-NSD lists the shared images first in every subject's list
-    order[0, 2 * TPS : 3 * TPS] = np.arange(2 * TPS, 3 * TPS) % num_shared + 1  # session 3: shared only
-    savemat(tree.expdesign, {**{k: v for k, v in mat.items() if not k.startswith("__")}, "masterordering": order})
-    root = tmp_path / "root"
-    assert run(tree, root, "--subject", "1", "--sessions", "3") == 2
-    line = error_line(capsys)
-    assert line.startswith(f"error: {tree.betas_dir(1)}: ") and "training" in line
-    assert leftovers(root) == []
-
-
-def test_truncated_nifti_betas_exit_2_and_leave_no_staging(small_tree, tmp_path, capsys):
-    """A .nii.gz cut short (interrupted download) has a valid header, so it passes planning; reading its
-    data must still end in exit 2 naming the file, not a traceback, and leave no .subj01.partial."""
-    tree = NsdTree(tmp_path / "nsd")
-    shutil.copytree(small_tree.root, tree.root)
-    path = tree.betas(1, 2, "nifti")
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 4])
-    root = tmp_path / "root"
-    try:
-        code = run(tree, root, "--subject", "1", "--betas-format", "nifti")
-    except Exception as err:  # the bug: a raw decompression error escapes main()
-        pytest.fail(f"main raised {type(err).__name__}: {err} instead of exiting 2")
-    assert code == 2
-    assert error_line(capsys).startswith(f"error: {path}: ")
-    assert leftovers(root) == []
-
-
-# --------------------------------------------------------------------------------------------
-# 8. The HDF5 chunk reader
-
-
-GRID_TZYX = (9, 11, 5, 6)  # trials, Z, Y, X: Z not a multiple of the slab reader's 8 planes
-
-
-def _betas(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(-32768, 32767, GRID_TZYX, dtype=np.int16, endpoint=True)
-
-
-def _h5py_read(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        return f["betas"][()].transpose(0, 3, 2, 1)
-
-
-def _check_reader(path: Path, fast: bool) -> np.ndarray:
-    """BetaSession.read() equals h5py's read (as T, X, Y, Z); `fast` says whether the chunk path applies."""
-    expected = _h5py_read(path)
-    with BetaSession(path) as f:
-        assert (f._read_hdf5_chunks() is not None) == fast
-        got = f.read()
-        assert f.grid == expected.shape[1:] and f.num_trials == expected.shape[0]
-    assert got.dtype == np.int16 and got.dtype.isnative
-    np.testing.assert_array_equal(got, expected)
-    return got
-
-
-def _chunk_offsets(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        dset = f["betas"]
-        _, _, y, x = dset.shape
-        found = []
-        dset.id.chunk_iter(lambda info: found.append(((info.chunk_offset[1] * y + info.chunk_offset[2]) * x
-                                                      + info.chunk_offset[3], info.byte_offset)))  # fmt: skip
-    return np.array([offset for _, offset in sorted(found)])
-
-
-def test_chunk_reader_nsd_layout(tmp_path):
-    """NSD's layout (one uncompressed chunk per voxel holding all trials) is read by the fast path exactly."""
-    path = tmp_path / "nsd.hdf5"
-    data = _betas()
-    with h5py.File(path, "w") as f:
-        f.create_dataset("betas", data=data, chunks=(GRID_TZYX[0], 1, 1, 1))
-    got = _check_reader(path, fast=True)
-    np.testing.assert_array_equal(got, data.transpose(0, 3, 2, 1))
-
-
-@pytest.mark.parametrize("how", ["direct_chunks", "voxel_writes"])
-def test_chunk_reader_shuffled_chunk_allocation(tmp_path, how):
-    """Chunks allocated in random voxel order (file offsets not monotonic in voxel order) read exactly."""
-    path = tmp_path / "shuffled.hdf5"
-    data = _betas(1)
-    t, z, y, x = data.shape
-    order = np.random.default_rng(2).permutation(z * y * x)
-    with h5py.File(path, "w") as f:
-        dset = f.create_dataset("betas", shape=data.shape, dtype=np.int16, chunks=(t, 1, 1, 1))
-        for voxel in order:
-            k, j, i = np.unravel_index(voxel, (z, y, x))
-            if how == "direct_chunks":
-                dset.id.write_direct_chunk((0, k, j, i), np.ascontiguousarray(data[:, k, j, i]).tobytes())
-            else:
-                dset[:, k, j, i] = data[:, k, j, i]
-    offsets = _chunk_offsets(path)
-    assert len(offsets) == z * y * x and np.any(np.diff(offsets) < 0)  # really out of order
-    _check_reader(path, fast=True)
-
-
-@pytest.mark.parametrize("fillvalue", [None, -7])
-def test_chunk_reader_unwritten_chunks_hold_the_fill_value(tmp_path, fillvalue):
-    """Chunks never written (some in runs, some isolated) read as the dataset's fill value (default 0)."""
-    path = tmp_path / "sparse.hdf5"
-    data = _betas(3)
-    t, z, y, x = data.shape
-    rng = np.random.default_rng(4)
-    written = np.flatnonzero(rng.random(z * y * x) < 0.6)
-    written = np.setdiff1d(written, np.arange(40, 60))  # a long gap of unallocated chunks too
-    kw = {} if fillvalue is None else {"fillvalue": fillvalue}
-    with h5py.File(path, "w") as f:
-        dset = f.create_dataset("betas", shape=data.shape, dtype=np.int16, chunks=(t, 1, 1, 1), **kw)
-        for voxel in np.concatenate([written[: len(written) // 2], rng.permutation(written[len(written) // 2 :])]):
-            k, j, i = np.unravel_index(voxel, (z, y, x))
-            dset[:, k, j, i] = data[:, k, j, i]
-    assert len(_chunk_offsets(path)) == len(written) < z * y * x
-    got = _check_reader(path, fast=True)
-    unwritten = np.ones(z * y * x, bool)
-    unwritten[written] = False
-    missing = unwritten.reshape(z, y, x).transpose(2, 1, 0)  # (X, Y, Z)
-    assert np.all(got[:, missing] == (fillvalue or 0))
-
-
-@pytest.mark.parametrize(
-    "layout",
-    [
-        dict(chunks=None),  # contiguous
-        dict(chunks=(GRID_TZYX[0], 1, 1, 1), compression="gzip"),
-        dict(chunks=(GRID_TZYX[0], 1, 1, 1), shuffle=True),
-        dict(chunks=(3, 2, 2, 2)),  # chunks that do not hold whole voxels
-    ],
-    ids=["contiguous", "gzip", "shuffle-filter", "other-chunks"],
-)
-def test_chunk_reader_falls_back_to_slabs(tmp_path, layout):
-    """Layouts the chunk path cannot read byte-for-byte (unchunked, filtered, other chunk shapes) fall back
-    to h5py slab reads and still give the same array."""
-    path = tmp_path / "other.hdf5"
-    data = _betas(5)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("betas", data=data, **layout)
-    got = _check_reader(path, fast=False)
-    np.testing.assert_array_equal(got, data.transpose(0, 3, 2, 1))

@@ -1,6 +1,6 @@
 """Single-trial betas of one NSD session, from HDF5 or NIfTI, one session in memory at a time.
 
-On disk (NSD_FORMATS.md §1.3):
+On disk (docs/nsd_formats.md §1.3):
 - `betas_sessionNN.hdf5`: dataset `/betas`, int16, h5py shape **(trials, Z, Y, X)** (MATLAB wrote
   X×Y×Z×trials column-major), uncompressed, one chunk per voxel holding all its trials.
 - `betas_sessionNN.nii.gz`: int16, nibabel shape **(X, Y, Z, trials)**.
@@ -122,7 +122,7 @@ class BetaSession:
         """(Z, Y, X, T) int16 straight from the file's chunk bytes, or None if the layout does not allow it.
 
         NSD stores one uncompressed chunk per voxel holding all its trials (T contiguous int16).
-        h5py pays ~10 µs of bookkeeping per chunk (~7 s for NSD's 700k chunks, NSD_FORMATS.md §6);
+        h5py pays ~10 µs of bookkeeping per chunk (~7 s for NSD's 700k chunks, docs/nsd_formats.md §6);
         instead, list every chunk's file offset once (HDF5's chunk iterator, ~1 µs per chunk) and
         read runs of consecutive chunks with plain file reads straight into the output buffer.
         """

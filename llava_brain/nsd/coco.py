@@ -2,7 +2,7 @@
 
 COCO boxes are `[x, y, width, height]` in original image pixels (0-based, from the top-left).
 NSD cut `cropBox` = (top, bottom, left, right) *fractions* from each side of the COCO image and
-resized the square crop to 425 × 425 (NSD_FORMATS.md §1.6, §5).
+resized the square crop to 425 × 425 (docs/nsd_formats.md §1.6, §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Named facts about the real Natural Scenes Dataset (sources: NSD Data Manual, NSD_FORMATS.md).
+"""Named facts about the real Natural Scenes Dataset (sources: NSD Data Manual, docs/nsd_formats.md).
 
 Readers never rely on these to size arrays (they read counts from the files, so mini-NSD and
 real NSD both work); they are for documentation, defaults and sanity messages.

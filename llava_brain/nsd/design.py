@@ -1,6 +1,6 @@
 """The NSD experimental design: `nsd_expdesign.mat` and `nsd_stim_info_merged.csv`.
 
-Index conventions (NSD_FORMATS.md §1.4, §1.6) — the source of most NSD bugs:
+Index conventions (docs/nsd_formats.md §1.4, §1.6) — the source of most NSD bugs:
 - In `nsd_expdesign.mat` everything is **1-based** (MATLAB): `masterordering` holds indices into a
   subject's 10k list (1..10000), `subjectim` holds 73k image ids (1..73000), `sharedix` too.
 - In the CSV, `nsdId` is **0-based** (it indexes `imgBrick` directly), while `subjectK_repN` are
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_brain.errors import BadInputError, require_file
+from llava_brain.layout import NsdTree
 from llava_brain.nsd.constants import MAX_REPEATS, NUM_SUBJECTS
 
 
@@ -176,6 +177,34 @@ class StimInfo:
 
     def __len__(self) -> int:
         return int(self.coco_id.size)
+
+    def shown_subjects(self) -> list[int]:
+        """Subjects with at least one shown trial (a `subjectK_rep0` > 0 on some row), ascending."""
+        return sorted(s for s, trials in self.trials.items() if np.any(trials[:, 0] >= 0))
+
+    def images_seen_by(self, subjects: list[int]) -> np.ndarray:
+        """Sorted 0-based nsdIds of the images any of `subjects` saw.
+
+        Image i counts as seen by subject s iff `trials[s][i, 0] >= 0` (a first presentation happened).
+        A subject without a single shown trial is an error: it is a typo or the wrong CSV, not an empty set.
+        """
+        shown = self.shown_subjects()
+        for subject in subjects:
+            if subject not in shown:
+                raise BadInputError(
+                    self.path,
+                    f"subject {subject} has no shown trial (subject{subject}_rep0 is 0 or absent); "
+                    f"subjects with trials: {shown}",
+                )
+        seen = [np.flatnonzero(self.trials[s][:, 0] >= 0) for s in subjects]
+        return np.unique(np.concatenate(seen)) if seen else np.zeros(0, np.int64)
+
+
+def stim_info_subjects(nsd_root: str | Path) -> tuple[list[int], Path, str]:
+    """Subjects with a shown trial in a raw tree's stimulus table: a `cli.add_subject` source
+    (`source=lambda args: stim_info_subjects(args.nsd_root)`) for stages that select images by subject."""
+    info = StimInfo.load(NsdTree(nsd_root).stim_info)
+    return info.shown_subjects(), info.path, "subjects with a shown trial (subjectK_rep0 > 0)"
 
 
 def _parse_crop_box(text: str) -> tuple[float, float, float, float]:

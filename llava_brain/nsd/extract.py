@@ -1,4 +1,4 @@
-"""Raw NSD betas of one subject -> the prepared fMRI arrays of the dataset root (DESIGN.md).
+"""Raw NSD betas of one subject -> the prepared fMRI arrays of the dataset root (docs/prepare.md).
 
 Per subject, under `<root>/nsd/fmris/subjXX/`:
 
@@ -9,19 +9,22 @@ Per subject, under `<root>/nsd/fmris/subjXX/`:
     area/nsd_{area}_betas_{tr,te}.npy     (samples, voxels) float32, voxels in C order over (X, Y, Z)
     area/nsd_{area}_betas_{mean,std}.npy  (voxels,) float32
     nsd_fmri2image.json             image, repeat and trial of every sample, per split
+    run.json                        settings and input fingerprints (io.StageRun), written last
 
-Samples are single trials in chronological order; a trial is test ("te"/"val") iff its image is
-one of the shared images (`sharedix`), train otherwise. Values are beta/300 (percent signal
-change) z-scored per voxel with the mean and standard deviation of the training trials; voxels
-with no variance (outside the brain) are 0.
+Samples are single trials in chronological order; a trial is test ("te"/"val", NSD's shared-1000
+test set; `llava_brain.subjects` names the splits) iff its image is one of the shared images
+(`sharedix`), train otherwise. Values are beta/300 (percent signal change) z-scored per voxel
+with the mean and standard deviation of the training trials; voxels with no variance (outside
+the brain) are 0.
 
-How it streams (NSD_FORMATS.md §6): one session is read whole (the fast chunk path of
+How it streams (docs/nsd_formats.md §6): one session is read whole (the fast chunk path of
 `BetaSession`) while the next is read by a background thread, so at most two sessions of int16
 betas are in memory (NSD: 2 x 1.05 GB). Pass 1 writes each session's trials, trial-major, as
 int16 into the final arrays' bytes (float16 has the same width) and the areas as float32 beta/300,
-and sums the training statistics exactly (integers in float64). Pass 2 rewrites the arrays in place, block by
-block, z-scored. Everything is written inside `fmris/.subjXX.partial/`, renamed to `subjXX/` only
-when complete, so a killed run leaves no half-written subject.
+and sums the training statistics exactly (integers in float64). Pass 2 rewrites the arrays in
+place, block by block, z-scored. Everything is written inside `fmris/.subjXX.partial/`
+(`io.staged_folder`), renamed to `subjXX/` only when complete, so a killed run leaves no
+half-written subject.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import re
-import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,15 +42,15 @@ import torch
 from tqdm import tqdm
 
 from llava_brain.errors import BadInputError
-from llava_brain.io import NpyRows, read_json, write_json, write_run_json
+from llava_brain.io import NpyRows, StageRun, staged_folder, write_json
 from llava_brain.layout import DatasetRoot, NsdTree, subject_name
 from llava_brain.nsd.betas import BetaSession
 from llava_brain.nsd.constants import BETA_SCALE
 from llava_brain.nsd.design import ExpDesign, repeat_index
 from llava_brain.nsd.roi import area_masks, read_volume
+from llava_brain.subjects import SPLITS, TEST, TRAIN, split_key
 
 log = logging.getLogger(__name__)
-SPLITS = {"train": "tr", "val": "te"}  # nsd_fmri2image.json key -> file suffix
 BLOCK_TRIALS = 32  # trials per copy/convert block: ~45 MB of int16 at NSD's grid
 
 
@@ -93,8 +95,27 @@ class SubjectPlan:
         return len(self.nsd_ids)
 
     def settings(self) -> dict:
-        """What determines the output; a rerun with the same settings skips the subject."""
-        return {"sessions": self.sessions, "atlases": self.atlases, "betas_format": self.betas_format}
+        """What determines the output, resolved (session numbers, atlas names), for `io.StageRun`."""
+        return {
+            "subject": self.subject,
+            "sessions": self.sessions,
+            "atlases": self.atlases,
+            "betas_format": self.betas_format,
+        }
+
+    def stage_run(self, tree: NsdTree, layout: DatasetRoot) -> StageRun:
+        """The rerun rule of this subject's folder: its settings and every file the extraction reads."""
+        return StageRun(
+            layout.fmri_dir(self.subject),
+            settings=self.settings(),
+            inputs={
+                "betas": self.paths,  # NSD's 1 GB sessions: size + mtime; small ones by content
+                "brainmask": tree.brainmask(self.subject),
+                "rois": [tree.roi(self.subject, atlas) for atlas in self.atlases],
+                "label_tables": [tree.roi_ctab(atlas) for atlas in self.atlases],  # absent ones count too
+                "design": tree.expdesign,
+            },
+        )
 
 
 def plan_subject(
@@ -173,7 +194,7 @@ class _Outputs:
             return staging / path.relative_to(final)
 
         self.staged = staged
-        counts = {"tr": int((~plan.test).sum()), "te": int(plan.test.sum())}
+        counts = {TRAIN: int((~plan.test).sum()), TEST: int(plan.test.sum())}
         self.whole = {
             split: NpyRows(staged(layout.whole_betas(plan.subject, split)), (n, *plan.grid), np.float16)
             for split, n in counts.items()
@@ -193,54 +214,26 @@ class _Outputs:
 
 
 def extract_subject(
-    layout: DatasetRoot, plan: SubjectPlan, args=None, progress: bool = True, prefetch: int = 1
+    layout: DatasetRoot, plan: SubjectPlan, run: StageRun, args=None, progress: bool = True, prefetch: int = 1
 ) -> dict:
-    """Write one subject's prepared arrays (see the module docstring); returns a summary."""
-    final = layout.fmri_dir(plan.subject)
-    recover_interrupted(layout, plan.subject)
-    staging = _staging(final)
-    staging.mkdir(parents=True)
-    try:
-        summary = _extract(layout, plan, staging, args, progress, prefetch)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays behind
-        raise
-    if final.exists():  # --overwrite: swap the finished subject in, then drop the old one
-        old = _old(final)
-        final.rename(old)
-        staging.rename(final)
-        shutil.rmtree(old)
-    else:
-        staging.rename(final)
+    """Write one subject's prepared arrays (see the module docstring) and `run`'s provenance; returns a summary.
+
+    Built in a staging folder that replaces `fmris/subjXX/` only when complete (also under --overwrite).
+    """
+    with staged_folder(layout.fmri_dir(plan.subject)) as staging:
+        summary = _extract(layout, plan, staging, progress, prefetch)
+        run.finish(args or {}, into=staging, summary=summary)  # last: marks the subject finished
     return summary
 
 
-def _staging(final: Path) -> Path:
-    return final.parent / f".{final.name}.partial"
-
-
-def _old(final: Path) -> Path:
-    return final.parent / f".{final.name}.old"
-
-
-def recover_interrupted(layout: DatasetRoot, subject: int) -> None:
-    """Clean up after a run killed mid-subject: drop its staging folder; finish an interrupted swap."""
-    final = layout.fmri_dir(subject)
-    staging, old = _staging(final), _old(final)
-    if old.exists() and not final.exists():
-        old.rename(final)  # killed between the two renames of --overwrite: the old result is complete
-    shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def _extract(layout: DatasetRoot, plan: SubjectPlan, staging: Path, args, progress: bool, prefetch: int) -> dict:
+def _extract(layout: DatasetRoot, plan: SubjectPlan, staging: Path, progress: bool, prefetch: int) -> dict:
     out = _Outputs(layout, staging, plan)
     grid_voxels = int(np.prod(plan.grid))
     sum1 = torch.zeros(grid_voxels, dtype=torch.float64)  # sums of int16 betas (and squares) over training trials
     sum2 = torch.zeros(grid_voxels, dtype=torch.float64)
     block = torch.empty((BLOCK_TRIALS, *plan.grid), dtype=torch.int16)
     wide = torch.empty((BLOCK_TRIALS, grid_voxels), dtype=torch.float64)
-    rows = {"tr": 0, "te": 0}
+    rows = {split: 0 for split in SPLITS}
     name = subject_name(plan.subject)
     try:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, prefetch)) as pool:
@@ -252,7 +245,7 @@ def _extract(layout: DatasetRoot, plan: SubjectPlan, staging: Path, args, progre
                 if i + prefetch + 1 < len(plan.paths):
                     pending.append(pool.submit(_read_session, plan.paths[i + prefetch + 1], plan.grid))
                 test = plan.test[i * plan.trials_per_session : (i + 1) * plan.trials_per_session]
-                for split, chosen in (("tr", np.flatnonzero(~test)), ("te", np.flatnonzero(test))):
+                for split, chosen in ((TRAIN, np.flatnonzero(~test)), (TEST, np.flatnonzero(test))):
                     for start in range(0, len(chosen), BLOCK_TRIALS):
                         index = torch.from_numpy(chosen[start : start + BLOCK_TRIALS])
                         n, row = len(index), rows[split] + start
@@ -260,7 +253,7 @@ def _extract(layout: DatasetRoot, plan: SubjectPlan, staging: Path, args, progre
                         torch.index_select(source, 0, index, out=b)  # trial-major copy of a block
                         out.whole[split].write(row, b.numpy())
                         flat = b.reshape(n, -1)
-                        if split == "tr":
+                        if split == TRAIN:
                             # Exact: integer sums stay far below 2**53 in float64. einsum runs as a
                             # batched matmul, ~6x faster than a dtype-casting sum of squares.
                             values = wide[:n]
@@ -272,12 +265,12 @@ def _extract(layout: DatasetRoot, plan: SubjectPlan, staging: Path, args, progre
                             out.area[area, split].write(row, values.numpy())
                     rows[split] += len(chosen)
                 del source
-        mean, std = _statistics(sum1, sum2, rows["tr"], plan)
+        mean, std = _statistics(sum1, sum2, rows[TRAIN], plan)
         _normalise(out, mean, std, plan, progress)
     finally:
         out.close()
-    _write_metadata(layout, out, plan, mean, std, rows, args)
-    return {"subject": plan.subject, "train": rows["tr"], "test": rows["te"], "sessions": len(plan.sessions)}
+    _write_metadata(layout, out, plan, mean, std, rows)
+    return {"subject": plan.subject, "train": rows[TRAIN], "test": rows[TEST], "sessions": len(plan.sessions)}
 
 
 def _statistics(sum1: torch.Tensor, sum2: torch.Tensor, n: int, plan: SubjectPlan) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +308,7 @@ def _normalise(out: _Outputs, mean: np.ndarray, std: np.ndarray, plan: SubjectPl
             f.write(row, (f.read(row, n) - a_mean) * a_inv)
 
 
-def _write_metadata(layout, out: _Outputs, plan: SubjectPlan, mean, std, rows, args) -> None:
+def _write_metadata(layout, out: _Outputs, plan: SubjectPlan, mean, std, rows) -> None:
     subject = plan.subject
     np.save(out.staged(layout.whole_stats(subject, "mean")), mean)
     np.save(out.staged(layout.whole_stats(subject, "std")), std)
@@ -336,7 +329,7 @@ def _write_metadata(layout, out: _Outputs, plan: SubjectPlan, mean, std, rows, a
             "affine": plan.affine.tolist(),
             "voxel_size_mm": voxel_mm,
             "dtype": "float16",
-            "samples": {"train": rows["tr"], "val": rows["te"]},
+            "samples": {split_key(split): rows[split] for split in SPLITS},
             "normalisation": "(beta / 300 - train mean) / train std per voxel; 0 where std is 0",
             "areas": {name: int(mask.sum()) for name, mask in plan.areas.items()},
             "masks": layout.whole_masks(subject).name,
@@ -345,21 +338,12 @@ def _write_metadata(layout, out: _Outputs, plan: SubjectPlan, mean, std, rows, a
         },
     )
     mapping = {}
-    for key, split in SPLITS.items():
-        chosen = plan.test if split == "te" else ~plan.test
-        mapping[key] = plan.nsd_ids[chosen].tolist()
-        mapping[f"{key}_repeat"] = plan.repeat[chosen].tolist()
-        mapping[f"{key}_trial"] = plan.trial[chosen].tolist()
+    for split in SPLITS:
+        chosen = plan.test if split == TEST else ~plan.test
+        mapping[split_key(split)] = plan.nsd_ids[chosen].tolist()
+        mapping[split_key(split, "repeat")] = plan.repeat[chosen].tolist()
+        mapping[split_key(split, "trial")] = plan.trial[chosen].tolist()
     write_json(out.staged(layout.fmri2image(subject)), mapping, indent=None)
-    write_run_json(out.staged(layout.fmri_dir(subject)), args or {}, settings=plan.settings())
-
-
-def finished_settings(layout: DatasetRoot, subject: int) -> dict | None:
-    """Settings a finished subject folder was written with, or None if there is none."""
-    manifest = layout.fmri_dir(subject) / "run.json"
-    if not manifest.is_file():
-        return None
-    return read_json(manifest, "a make_subjmri run.json").get("settings")
 
 
 def session_buffer_bytes(grid: tuple[int, int, int], trials_per_session: int, prefetch: int = 1) -> int:

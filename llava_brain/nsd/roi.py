@@ -1,6 +1,6 @@
 """ROI and other 3-D volumes of `nsddata/ppdata/subjXX/func1pt8mm/` (NIfTI, X × Y × Z).
 
-ROI values (NSD_FORMATS.md §1.8): -1 = not a cortical voxel (of that hemisphere), 0 = cortical
+ROI values (docs/nsd_formats.md §1.8): -1 = not a cortical voxel (of that hemisphere), 0 = cortical
 but unlabeled, 1..N = label index of the atlas (names in the atlas's `.mgz.ctab`).
 """
 

@@ -2,8 +2,9 @@
 
 `write_mini_nsd(out, MiniNsdConfig(...))` writes the same files a real NSD download has (see
 `docs/mini_nsd.md` for the list and how each maps to real NSD), so every reader and stage runs on
-it unchanged. The whole tree is built in a temporary sibling folder and renamed into place, so an
-interrupted run never leaves a half-written dataset behind.
+it unchanged. The whole tree is built in the hidden sibling `.<name>.partial` (`io.staged_folder`)
+and renamed into place, so an interrupted run never leaves a half-written dataset behind, and the
+next run removes what a killed one left. The same config gives byte-identical files.
 """
 
 from __future__ import annotations
@@ -12,22 +13,23 @@ import csv
 import io
 import json
 import logging
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from llava_brain.io import write_json
+from llava_brain.io import staged_folder, write_bytes
 from llava_brain.layout import NsdTree
 from llava_brain.nsd.constants import BETA_SCALE, GRID_FUNC1PT8MM, MAX_REPEATS, NUM_SUBJECTS, ROI_LABELS, VOXEL_SIZE_MM
 from llava_brain.simulate import brain, scenes
 
 log = logging.getLogger(__name__)
-MANIFEST = "mini_nsd.json"  # written last: its presence marks a complete tree
+# The descriptive text field of a MATLAB v5 file (116 bytes). scipy writes its creation time there;
+# a fixed text keeps the design file identical for identical settings.
+MAT_HEADER = b"MATLAB 5.0 MAT-file, written by llava_brain mini-NSD".ljust(116)
 
 
 @dataclass(frozen=True)
@@ -42,11 +44,14 @@ class MiniNsdConfig:
     nifti_subjects: tuple[int, ...] = (1,)  # subjects that also get betas_sessionNN.nii.gz
     snr_range: tuple[float, float] = (0.2, 0.4)  # noise-ceiling SNR of visual voxels (measured median ~0.28)
     val_fraction: float = 0.15  # share of non-shared images that come from COCO val2017
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def design_sessions(self) -> int:
         return MAX_REPEATS * self.images_per_subject // self.trials_per_session
+
+    def settings(self) -> dict:
+        """Every field, `sessions` resolved (None -> the design's count): what a rerun compares."""
+        return {**asdict(self), "sessions": self.sessions or self.design_sessions}
 
     def validate(self) -> None:
         if not self.subjects or len(set(self.subjects)) != len(self.subjects):
@@ -99,21 +104,27 @@ def _make_design(cfg: MiniNsdConfig) -> _Design:
     return _Design(np.sort(shared), subject_images, masterordering, num_images)
 
 
-def write_mini_nsd(out: str | Path, cfg: MiniNsdConfig, progress: bool = True) -> dict:
-    """Write a complete mini-NSD tree at `out` (must not exist) and return its summary."""
+def write_mini_nsd(
+    out: str | Path,
+    cfg: MiniNsdConfig,
+    progress: bool = True,
+    replace: bool = False,
+    finish: Callable[[Path, dict], None] | None = None,
+) -> dict:
+    """Write a complete mini-NSD tree at `out` and return its summary.
+
+    `out` must not exist unless `replace` (then the finished tree replaces it in one swap).
+    `finish(staging, summary)` runs last inside the staging folder, before the swap (the CLI writes
+    its run.json there, so the provenance arrives with the tree).
+    """
     cfg.validate()
     out = Path(out)
-    if out.exists():
+    if out.exists() and not replace:
         raise FileExistsError(f"{out} exists; remove it or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         summary = _write_tree(NsdTree(staging), cfg, progress)
-        write_json(staging / MANIFEST, {"config": asdict(cfg), "summary": summary})
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if finish is not None:
+            finish(staging, summary)
     return summary
 
 
@@ -209,15 +220,16 @@ def _write_expdesign(tree: NsdTree, cfg: MiniNsdConfig, design: _Design) -> None
     subjectim = np.zeros((NUM_SUBJECTS, cfg.images_per_subject))  # 0 = subject not in this design
     for subject, images in design.subject_images.items():
         subjectim[subject - 1] = images + 1  # 1-based 73k ids, as MATLAB wrote them
-    tree.expdesign.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
     savemat(
-        tree.expdesign,
+        buffer,
         {
             "masterordering": (design.masterordering + 1)[None, :].astype(np.float64),
             "subjectim": subjectim,
             "sharedix": (design.shared + 1)[None, :].astype(np.float64),
         },
     )
+    write_bytes(tree.expdesign, MAT_HEADER + buffer.getvalue()[len(MAT_HEADER) :])
 
 
 def _write_stim_info(tree, cfg, design, all_scenes, coco_ids, is_val, trials_done) -> None:

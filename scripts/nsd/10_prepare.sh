@@ -7,7 +7,7 @@ set -euo pipefail
 NSD_ROOT=${NSD_ROOT:-/data/nsd}            # raw download: nsddata/, nsddata_betas/, nsddata_stimuli/
 DATASET_ROOT=${DATASET_ROOT:-/data/brain}  # prepared root; everything goes under $DATASET_ROOT/nsd/
 SUBJECTS=${SUBJECTS:-"1 2 5 7"}
-WORKERS=${WORKERS:-8}
+NUM_WORKERS=${NUM_WORKERS:-8}
 
 # shellcheck disable=SC2086  # SUBJECTS is a list
 python prepare_datasets/make_subjmri.py \
@@ -23,7 +23,7 @@ python prepare_datasets/make_images.py \
   --nsd-root "$NSD_ROOT" \
   --dataset-root "$DATASET_ROOT" \
   --subject $SUBJECTS \
-  --workers "$WORKERS"
+  --num-workers "$NUM_WORKERS"
 
 # shellcheck disable=SC2086
 python prepare_datasets/make_coco_annotations.py \
