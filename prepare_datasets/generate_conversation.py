@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     with exclusive(output, layout.gpt_conversation_lock(args.prompt_type)):
         if args.overwrite:
             # Both go before any new record, so that a kill never leaves old provenance over new records.
-            run.manifest.unlink(missing_ok=True)
+            run.begin()
             output.unlink(missing_ok=True)
         store = JsonlStore(output)  # also removes what a compaction killed mid-write left
         if store.dropped_torn_line:

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The manifest goes first and comes back last, so that a kill in between never leaves old
     # settings vouching for new files (files without a manifest are redone by the next run).
-    run.manifest.unlink(missing_ok=True)
+    run.begin()
     for split, path in zip(SPLITS, outputs, strict=True):
         write_text(path, texts[split])
     summary = {split: {t: {"records": n, "skipped": s} for t, (n, s) in c.items()} for split, c in counts.items()}

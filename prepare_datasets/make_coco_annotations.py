@@ -142,7 +142,7 @@ def publish(run: StageRun, args: argparse.Namespace, write: Callable[[Path], obj
     """Write one output file, then its provenance (last). Under --overwrite the old provenance goes first,
     so a kill between the two leaves a file a rerun redoes, never a new file under the old settings."""
     if args.overwrite:
-        run.manifest.unlink(missing_ok=True)
+        run.begin()
     write(run.output)
     run.finish(args, **counts)
     log.info("wrote %s (%s)", run.output, ", ".join(f"{k.removeprefix('num_')} {v}" for k, v in counts.items()))

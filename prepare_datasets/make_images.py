@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("all %d selected PNGs are in %s and current; nothing to do", len(selected), root.images_dir)
             return 0
         if args.overwrite:  # PNGs of other settings must not sit under the old provenance if this run is killed
-            run.manifest.unlink(missing_ok=True)
+            run.begin()
         # Only atomic writes go to the final name, so a truncated PNG there came from elsewhere (a copy, a full disk).
         truncated = 0 if args.overwrite else sum(root.image(i).exists() for i in todo)
         if truncated:

@@ -170,6 +170,11 @@ class StageRun:
             )
         return not complete
 
+    def begin(self) -> None:
+        """Drop the old provenance before an output is rewritten in place (not staged): a kill between
+        the rewrite and `finish` then leaves an output a rerun redoes, never new data under old settings."""
+        self.manifest.unlink(missing_ok=True)
+
     def finish(self, args: Any, into: str | Path | None = None, **extra: Any) -> Path:
         """Write the provenance (atomically, last). `into`: the staging folder that is about to become the
         output folder (or that holds the output file), so the provenance is swapped in with it."""
