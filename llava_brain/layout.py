@@ -229,7 +229,7 @@ class DatasetRoot:
 
     @property
     def clip_tokens(self) -> Path:
-        """(images, tokens, width) float16 last hidden states of the CLIP vision tower (--tokens)."""
+        """(images, tokens, width) float16 penultimate-layer hidden states of the CLIP vision tower (--tokens)."""
         return self.vision_embeds_dir / "clip_tokens.npy"
 
     @property

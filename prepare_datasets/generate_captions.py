@@ -4,11 +4,11 @@ The paper captions every image with BLIP-2 (8 captions per image) to enrich the 
 beside the 5 human COCO captions. Output format: llava_brain/annotations.py (keys = nsdId).
 Sampling is seeded per fixed batch, so a resumed or multi-process run writes the same captions.
 Batched, resumable (kill and rerun continues; output identical), shardable with `accelerate launch`
-(llava_brain/image_stage.py).
+(llava_brain/image_stage/); the provenance is nsd_captions.json.run.json beside the file.
 
 Full scale (GPUs):
   accelerate launch --multi_gpu --num_processes 4 prepare_datasets/generate_captions.py \\
-      --dataset-root /data/brain --model Salesforce/blip2-opt-2.7b --num-captions 8 --dtype fp16 --batch-size 32
+      --dataset-root /data/brain --model Salesforce/blip2-opt-2.7b --num-captions 8 --precision fp16 --batch-size 32
 Tiny (mini-NSD, CPU):
   python prepare_datasets/generate_captions.py --dataset-root demo_out/root \\
       --model demo_out/tiny_models/blip2 --num-captions 2 --max-new-tokens 8 --device cpu
@@ -17,35 +17,28 @@ Tiny (mini-NSD, CPU):
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 import torch
 
-from llava_brain.annotations import read_captions, write_captions
+from llava_brain import cli, runtime
+from llava_brain.annotations import write_captions
 from llava_brain.errors import exits_on_bad_input
 from llava_brain.image_stage import (
-    DTYPES,
-    RecordParts,
+    Context,
+    ImageStage,
+    Model,
     add_run_arguments,
     add_selection_arguments,
-    already_done,
     batch_seed,
     check_model_folder,
     loading_model,
-    make_accelerator,
-    open_work_folder,
-    plan_batches,
-    provenance,
-    quiet_transformers,
-    remove_parts,
-    require_images,
-    run_batches,
-    select_images,
+    model_files,
+    model_setting,
+    run_image_stage,
 )
-from llava_brain.layout import DatasetRoot
 
-log = logging.getLogger("generate_captions")
+WHAT = "a BLIP-2 model (Blip2ForConditionalGeneration)"
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -78,50 +71,28 @@ class Preprocess:
 
 
 def _settings(args) -> dict:
-    keys = ("model", "num_captions", "prompt", "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "dtype")
-    return {k: str(getattr(args, k)) if k == "model" else getattr(args, k) for k in keys}
+    keys = ("num_captions", "prompt", "max_new_tokens", "temperature", "top_p", "seed")
+    return {"model": model_setting(args.model), **{k: getattr(args, k) for k in keys}}
 
 
-@exits_on_bad_input
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.quiet:
-        quiet_transformers()
-    if args.num_captions < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        build_parser().error("--num-captions, --batch-size and --max-new-tokens must be >= 1")
-    layout = DatasetRoot(args.dataset_root)
-    output = layout.captions
-    nsd_ids = select_images(layout, None if args.all_images else args.subject, args.all_images)
-    settings = _settings(args)
-    if already_done(output, settings, nsd_ids, read_captions, args.overwrite):
-        log.info("captions of %d images already complete in %s; nothing to do", len(nsd_ids), output)
-        return 0
-    paths = require_images(layout, nsd_ids)
+def _inputs(args) -> dict:
+    check_model_folder(args.model, ("blip-2",), WHAT)
+    return {"model": model_files(args.model)}
 
-    check_model_folder(args.model, ("blip-2",), "a BLIP-2 model (Blip2ForConditionalGeneration)")
+
+def _load(ctx: Context) -> Model:
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    accelerator = make_accelerator(args.device)
-    dtype = DTYPES[args.dtype]
-    with loading_model(args.model, "a BLIP-2 model (Blip2ForConditionalGeneration)"):
-        model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype).eval()
+    args = ctx.args
+    with loading_model(args.model, WHAT):
+        model = Blip2ForConditionalGeneration.from_pretrained(args.model, torch_dtype=ctx.dtype).eval()
         processor = Blip2Processor.from_pretrained(args.model)
-    model.to(accelerator.device)
-
-    work = open_work_folder(output, {**settings, "nsd_ids": nsd_ids}, accelerator, args.overwrite)
-    parts = RecordParts(work, accelerator.process_index)
-    plan = plan_batches(nsd_ids, paths, args.batch_size, parts.done(), accelerator.process_index,
-                        accelerator.num_processes)  # fmt: skip
-    if accelerator.is_main_process:
-        log.info("%d images, %d already captioned; %d processes", len(nsd_ids), plan.finished_images,
-                 accelerator.num_processes)  # fmt: skip
+    model.to(ctx.device)
     tokenizer = processor.tokenizer
 
-    @torch.inference_mode()
-    def step(batch) -> None:
-        inputs = {k: v.to(accelerator.device) for k, v in batch.inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    def step(batch) -> list[dict]:
+        inputs = {k: v.to(ctx.device) for k, v in batch.inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(ctx.dtype)
         torch.manual_seed(batch_seed(args.seed, batch.index))  # generate() samples from the global generator
         generated = model.generate(
             **inputs,
@@ -135,30 +106,38 @@ def main(argv: list[str] | None = None) -> int:
             generated = generated[:, inputs["input_ids"].shape[1] :]
         # Rows are image-major (num_captions per image); those beyond the real images pad a short last batch.
         texts = tokenizer.batch_decode(generated[: len(batch.nsd_ids) * args.num_captions], skip_special_tokens=True)
-        records = []
-        for i, nsd_id in enumerate(batch.nsd_ids):
-            captions = [t.strip() for t in texts[i * args.num_captions : (i + 1) * args.num_captions]]
-            records.append({"nsd_id": nsd_id, "captions": captions})
-        parts.add(records)
+        k = args.num_captions
+        return [
+            {"nsd_id": nsd_id, "captions": [t.strip() for t in texts[i * k : (i + 1) * k]]}
+            for i, nsd_id in enumerate(batch.nsd_ids)
+        ]
 
-    run_batches(plan, step, Preprocess(processor, args.prompt), args.num_workers, "BLIP-2 captions",
-                progress=not args.quiet and accelerator.is_main_process)  # fmt: skip
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return 0
-    merged = parts.merged()
-    if sorted(merged) != nsd_ids:
-        raise RuntimeError(f"captioned {len(merged)} images, expected {len(nsd_ids)}")
-    # Provenance lives in the file's info (a run.json beside it would clash with other stages' files in nsd/).
-    info = {
-        "source": "BLIP-2 sampled captions (generate_captions.py)",
-        "settings": settings,
-        "run": provenance(args),
-    }
-    write_captions(output, {i: merged[i]["captions"] for i in nsd_ids}, info)
-    remove_parts(output)
-    log.info("wrote %d captions for %d images to %s", len(nsd_ids) * args.num_captions, len(nsd_ids), output)
-    return 0
+    def write(parts, nsd_ids: list[int]) -> str:
+        merged = parts.merged()
+        info = {"source": "BLIP-2 sampled captions (generate_captions.py)", "settings": ctx.settings}
+        write_captions(ctx.layout.captions, {i: merged[i]["captions"] for i in nsd_ids}, info)
+        return f"wrote {len(nsd_ids) * args.num_captions} captions for {len(nsd_ids)} images to {ctx.layout.captions}"
+
+    return Model(step=step, write=write, transform=Preprocess(processor, args.prompt))
+
+
+STAGE = ImageStage(
+    what="captions",
+    description="BLIP-2 captions",
+    outputs=lambda layout, args: {layout.captions: layout.captions},
+    settings=_settings,
+    inputs=_inputs,
+    load=_load,
+)
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    runtime.limit_threads()
+    args = cli.parse_args(build_parser(), argv)
+    if args.num_captions < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        build_parser().error("--num-captions, --batch-size and --max-new-tokens must be >= 1")
+    return run_image_stage(STAGE, args)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ if [ "$NUM_GPUS" -eq 1 ]; then LAUNCH=(python); fi
   --max-new-tokens 30 \
   --top-p 0.9 \
   --temperature 1.0 \
-  --dtype fp16 \
+  --precision fp16 \
   --batch-size 32
 
 "${LAUNCH[@]}" prepare_datasets/object_detection.py \
@@ -25,7 +25,7 @@ if [ "$NUM_GPUS" -eq 1 ]; then LAUNCH=(python); fi
   --subject all \
   --model facebook/detr-resnet-101 \
   --threshold 0.9 \
-  --dtype fp16 \
+  --precision fp16 \
   --batch-size 32
 
 "${LAUNCH[@]}" prepare_datasets/generate_clip_embeds.py \
@@ -35,5 +35,5 @@ if [ "$NUM_GPUS" -eq 1 ]; then LAUNCH=(python); fi
   --tokens \
   --vae-model stabilityai/stable-diffusion-2-1-unclip-small \
   --vae-size 512 \
-  --dtype fp16 \
+  --precision fp16 \
   --batch-size 64
