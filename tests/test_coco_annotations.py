@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stage_checks import error_line
 
 from llava_brain.annotations import (
     BOX_FORMAT,
@@ -25,6 +24,7 @@ from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import StimInfo
 
 from conftest import load_script
+from stage_checks import error_line
 
 # nsdId -> (cocoSplit, cocoId, (width, height), cropBox (top, bottom, left, right), subjects who saw it)
 ROWS = {

@@ -11,12 +11,12 @@ import h5py
 import numpy as np
 import pytest
 from PIL import Image
-from stage_checks import error_line
 
 from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import NsdStimuli, StimInfo
 
 from conftest import load_script
+from stage_checks import error_line
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy.io import loadmat
-from stage_checks import assert_same_files
 
 from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import extract
 from llava_brain.nsd.design import ExpDesign, repeat_index
 
 from conftest import SMALL, load_script
+from stage_checks import assert_same_files
 
 make_subjmri = load_script("prepare_datasets/make_subjmri.py")
 

@@ -21,11 +21,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy.io import loadmat, savemat
-from stage_checks import assert_same_files, error_line, hidden_leftovers, run_killed_at, tree_bytes
 
 from llava_brain.layout import DatasetRoot, NsdTree
 
 from conftest import SMALL, load_script
+from stage_checks import assert_same_files, error_line, hidden_leftovers, run_killed_at, tree_bytes
 
 make_subjmri = load_script("prepare_datasets/make_subjmri.py")
 SCRIPT = "prepare_datasets/make_subjmri.py"

@@ -12,7 +12,6 @@ import h5py
 import numpy as np
 import pytest
 from scipy.io import loadmat
-from stage_checks import error_line, hidden_leftovers, run_killed_at, tree_bytes
 
 from llava_brain.layout import NsdTree
 from llava_brain.nsd import (
@@ -32,6 +31,7 @@ from llava_brain.simulate.calibration import ridge_retrieval_check
 from llava_brain.simulate.scenes import COLOURS, SHAPES
 
 from conftest import REPO, SMALL, load_script
+from stage_checks import error_line, hidden_leftovers, run_killed_at, tree_bytes
 
 
 @pytest.fixture(scope="session")

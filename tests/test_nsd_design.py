@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.io import savemat
-from stage_checks import assert_one_line_naming
 
 from llava_brain.errors import BadInputError
 from llava_brain.layout import NsdTree
 from llava_brain.nsd import ExpDesign, StimInfo, repeat_index
 from llava_brain.nsd.design import stim_info_subjects
+
+from stage_checks import assert_one_line_naming
 
 
 @pytest.fixture

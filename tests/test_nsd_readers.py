@@ -9,7 +9,6 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
-from stage_checks import assert_one_line_naming
 
 from llava_brain.errors import BadInputError
 from llava_brain.layout import NsdTree
@@ -17,6 +16,8 @@ from llava_brain.nsd import (
     BetaSession,
     NsdStimuli,
 )
+
+from stage_checks import assert_one_line_naming
 
 # Tiny session: 4 trials on an X, Y, Z = 3, 4, 5 grid (all different, so any axis swap shows).
 T, X, Y, Z = 4, 3, 4, 5

@@ -7,7 +7,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from stage_checks import assert_one_line_naming
 
 from llava_brain.errors import BadInputError
 from llava_brain.layout import NsdTree
@@ -20,6 +19,8 @@ from llava_brain.nsd import (
     crop_window,
     read_roi,
 )
+
+from stage_checks import assert_one_line_naming
 
 X, Y, Z = 3, 4, 5  # all different, so any axis swap shows
 GRID = (X, Y, Z)
