@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llava_brain.model.vit3d import ViT3D, ViT3DConfig, active_patch_indices, union_mask_on_grid
+from llava_brain.geometry import union_mask_on_grid
+from llava_brain.model.vit3d import ViT3D, ViT3DConfig, active_patch_indices
 from llava_brain.simulate.brain import smooth_field
 
 MASK_SUBJECTS = 8

@@ -1,4 +1,5 @@
-"""llava_brain.model.vit3d: patch gather, padding, resizing, save/load, full-size build and a tiny learning run."""
+"""llava_brain.model.vit3d and llava_brain.geometry: patch gather, padding, resizing, save/load, full-size build
+and a tiny learning run."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from llava_brain.model import ViT3D, ViT3DConfig, active_patch_indices, padded_patch_grid, resize_to_grid
-from llava_brain.model.vit3d import pad_to_patches, patchify, union_mask_on_grid
+from llava_brain.geometry import pad_to_patches, padded_patch_grid, resize_to_grid, union_mask_on_grid
+from llava_brain.model import ViT3D, ViT3DConfig, active_patch_indices, patchify
 
 GRID = (20, 24, 18)  # not divisible by 6 along X: exercises padding
 PATCH = 6  # padded patch grid (4, 4, 3) = 48 patches

@@ -6,11 +6,12 @@ from llava_brain.data.fmri import (
     TestSet,
     collate,
     common_grid,
+    epoch_batches,
+    input_files,
     load_test_sets,
     mixup_partners,
-    resolve_subjects,
     to_grid,
-    union_region_mask,
+    union_area_mask,
 )
 
 __all__ = [
@@ -19,9 +20,10 @@ __all__ = [
     "TestSet",
     "collate",
     "common_grid",
+    "epoch_batches",
+    "input_files",
     "load_test_sets",
     "mixup_partners",
-    "resolve_subjects",
     "to_grid",
-    "union_region_mask",
+    "union_area_mask",
 ]

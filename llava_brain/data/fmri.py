@@ -5,15 +5,23 @@ after another, and mixes all selected subjects in one dataset (each sample carri
 volume is resized once, in blocks, to the common grid (subj01's grid when subject 1 is selected, else the
 first selected subject's); when the resized training set fits in `cache_bytes` it is kept in memory as
 float16 (mini-NSD: a few hundred MB), else samples are read from the memory maps and resized on the fly,
-a batch at a time on the training device (`to_grid`).
+a batch at a time on the training device (`FmriTrainSet.device_batch`). The two paths give the same
+batches up to the float16 rounding of the cache (equal where a subject's grid is the common grid).
 
 Training samples are MixUp-ed between repeats of the same image of the same subject (lambda ~ U(0, 1));
 the targets are unchanged since the image is the same. The partner and lambda of sample i in epoch e come
-from a generator seeded with (seed, epoch, i), so the data are a pure function of (seed, epoch, order)
-whatever the number of workers or processes, and a resumed run sees exactly the same batches.
+from a generator seeded with (seed, epoch, i), and the epoch's order is a permutation seeded by (seed,
+epoch) shared out between processes (`epoch_batches`), so the data are a pure function of (seed, epoch)
+whatever the number of workers, and a resumed run sees exactly the same batches.
+
+Non-finite values (NaN, inf) in the betas or the targets are refused with one line naming the file,
+where the data pass anyway: each block as it is loaded and resized for the cache and the test sets, each
+batch as it arrives in the main process for the on-the-fly path (also when DataLoader workers read it),
+the CLIP table once in memory, each batch of VAE latents. No second pass over the data.
 
 Test sets, per subject and image: `avg` = the mean of all the image's test trials (repeat-averaged) and
-`single` = its first presentation (repeat 0).
+`single` = its first presentation (repeat 0). The splits are named in `llava_brain.subjects` ("te" is
+NSD's shared-1000 test set).
 """
 
 from __future__ import annotations
@@ -23,41 +31,36 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from llava_brain.errors import BadInputError, require_file
+from llava_brain.geometry import resize_to_grid, union_mask_on_grid
 from llava_brain.io import read_json
-from llava_brain.layout import DatasetRoot
-from llava_brain.model.vit3d import resize_to_grid, union_mask_on_grid
+from llava_brain.layout import DatasetRoot, subject_name
+from llava_brain.subjects import SPLITS, SampleIndex, sample_index
 
 log = logging.getLogger(__name__)
-CLIP_FILE, VAE_FILE, INDEX_FILE = "clip_image_embeds.npy", "vae_latents.npy", "index.json"
 RESIZE_BLOCK = 64  # volumes resized per interpolate call at load time
-SPLIT_KEYS = {"tr": ("train", "train_repeat"), "te": ("val", "val_repeat")}
 
 
-def available_subjects(layout: DatasetRoot) -> list[int]:
-    """Subjects with a prepared `whole/` folder under `<root>/nsd/fmris/`, ascending."""
-    folder = layout.nsd / "fmris"
-    names = [p.name for p in folder.glob("subj[0-9][0-9]")] if folder.is_dir() else []
-    return sorted(int(n[4:]) for n in names if (folder / n / "whole").is_dir())
-
-
-def resolve_subjects(layout: DatasetRoot, requested: Sequence[str | int]) -> list[int]:
-    """'all' -> every prepared subject; else the numbers given (order kept, duplicates dropped)."""
-    if [str(r).lower() for r in requested] == ["all"]:
-        found = available_subjects(layout)
-        if not found:
-            raise BadInputError(layout.nsd / "fmris", "no prepared subject (subjXX/whole/) under this dataset root")
-        return found
-    try:
-        subjects = list(dict.fromkeys(int(r) for r in requested))
-    except ValueError:
-        raise BadInputError(layout.root, f"--subject takes subject numbers or 'all'; got {list(requested)}") from None
-    return subjects
+def input_files(layout: DatasetRoot, subjects: Sequence[int], *, vae: bool) -> dict[str, Path]:
+    """Every file the ViT3D data read, by name (what `io.StageRun` fingerprints)."""
+    files: dict[str, Path] = {}
+    for s in subjects:
+        name = subject_name(s)
+        for split in SPLITS:
+            files[f"{name}/betas_{split}"] = layout.whole_betas(s, split)
+        files[f"{name}/meta"] = layout.whole_meta(s)
+        files[f"{name}/masks"] = layout.whole_masks(s)
+        files[f"{name}/fmri2image"] = layout.fmri2image(s)
+    files["clip_embeds"], files["clip_index"] = layout.clip_embeds, layout.clip_index
+    if vae:
+        files["vae_latents"], files["vae_index"] = layout.vae_latents, layout.vae_index
+    return files
 
 
 def subject_grid(layout: DatasetRoot, subject: int) -> tuple[int, int, int]:
@@ -73,17 +76,17 @@ def common_grid(layout: DatasetRoot, subjects: Sequence[int]) -> tuple[int, int,
     return subject_grid(layout, 1 if 1 in subjects else subjects[0])
 
 
-def region_mask(layout: DatasetRoot, subject: int, region: str) -> np.ndarray:
+def area_mask(layout: DatasetRoot, subject: int, area: str) -> np.ndarray:
     path = require_file(layout.whole_masks(subject), "the whole-brain masks (masks.npz) of make_subjmri.py")
     with np.load(path) as masks:
-        if region not in masks.files:
-            raise BadInputError(path, f"has no mask {region!r}; it has {sorted(masks.files)}")
-        return np.asarray(masks[region], dtype=bool)
+        if area not in masks.files:
+            raise BadInputError(path, f"has no mask {area!r}; it has {sorted(masks.files)}")
+        return np.asarray(masks[area], dtype=bool)
 
 
-def union_region_mask(layout: DatasetRoot, subjects: Sequence[int], region: str, grid: Sequence[int]) -> np.ndarray:
-    """OR over the subjects of their `region` mask, each resized to `grid` (bool, *grid)."""
-    return union_mask_on_grid((region_mask(layout, s, region) for s in subjects), grid)
+def union_area_mask(layout: DatasetRoot, subjects: Sequence[int], area: str, grid: Sequence[int]) -> np.ndarray:
+    """OR over the subjects of their `area` mask, each resized to `grid` (bool, *grid)."""
+    return union_mask_on_grid((area_mask(layout, s, area) for s in subjects), grid)
 
 
 def open_betas(layout: DatasetRoot, subject: int, split: str) -> np.ndarray:
@@ -99,27 +102,45 @@ def open_betas(layout: DatasetRoot, subject: int, split: str) -> np.ndarray:
     return betas
 
 
-def read_split(layout: DatasetRoot, subject: int, split: str, samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """nsdIds and repeat numbers of a split's samples (from nsd_fmri2image.json)."""
-    path = layout.fmri2image(subject)
-    info = read_json(path, "the image of every sample (nsd_fmri2image.json) of make_subjmri.py")
-    ids_key, rep_key = SPLIT_KEYS[split]
-    try:
-        ids, reps = np.asarray(info[ids_key], dtype=np.int64), np.asarray(info[rep_key], dtype=np.int64)
-    except (KeyError, TypeError, ValueError):
-        raise BadInputError(path, f"expected integer lists {ids_key!r} and {rep_key!r}") from None
-    if len(ids) != samples or len(reps) != samples:
-        raise BadInputError(path, f"{ids_key!r} has {len(ids)} entries but the betas have {samples} samples")
-    return ids, reps
+def resized_bytes(layout: DatasetRoot, subjects: Sequence[int], grid: Sequence[int]) -> int:
+    """Memory the float16 cache of the subjects' training volumes on `grid` needs (reads only .npy headers)."""
+    return sum(len(open_betas(layout, s, "tr")) for s in subjects) * math.prod(grid) * 2
 
 
-def resize_blocks(betas: np.ndarray, grid: Sequence[int], rows: np.ndarray | None = None) -> np.ndarray:
-    """Rows of a (samples, X, Y, Z) array resized to `grid` in blocks of RESIZE_BLOCK; float16 result."""
+def read_split(layout: DatasetRoot, subject: int, split: str, samples: int) -> SampleIndex:
+    """The images and repeats of a split's samples (nsd_fmri2image.json), checked against the betas' length."""
+    index = sample_index(layout, subject, split)
+    if len(index) != samples:
+        raise BadInputError(layout.fmri2image(subject),
+                            f"lists {len(index)} {split} samples but the betas have {samples}")  # fmt: skip
+    return index
+
+
+def non_finite_rows(block: torch.Tensor) -> torch.Tensor:
+    """Positions along axis 0 of the samples holding a NaN or an infinity."""
+    return torch.nonzero(~torch.isfinite(block.reshape(len(block), -1)).all(dim=1), as_tuple=True)[0]
+
+
+def refuse_non_finite(path: Path, row: int) -> BadInputError:
+    return BadInputError(path, f"holds non-finite values (NaN or inf) in sample {row}; fix or regenerate the file")
+
+
+def resize_blocks(betas: np.ndarray, grid: Sequence[int], rows: np.ndarray | None = None, *,
+                  path: Path) -> np.ndarray:  # fmt: skip
+    """Rows of a (samples, X, Y, Z) array resized to `grid` in blocks of RESIZE_BLOCK; float16 result.
+
+    Each block is checked for NaN / inf as it is loaded (before resizing, which could skip a voxel);
+    a bad one is refused naming `path` and the sample.
+    """
     rows = np.arange(len(betas)) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), *grid), dtype=np.float16)
     for start in range(0, len(rows), RESIZE_BLOCK):
-        block = torch.from_numpy(np.asarray(betas[np.sort(rows[start : start + RESIZE_BLOCK])], dtype=np.float32))
-        order = np.argsort(np.argsort(rows[start : start + RESIZE_BLOCK]))  # back to the requested order
+        wanted = rows[start : start + RESIZE_BLOCK]
+        block = torch.from_numpy(np.asarray(betas[np.sort(wanted)], dtype=np.float32))
+        bad = non_finite_rows(block)
+        if len(bad):
+            raise refuse_non_finite(path, int(np.sort(wanted)[bad[0]]))
+        order = np.argsort(np.argsort(wanted))  # back to the requested order
         out[start : start + len(block)] = resize_to_grid(block[torch.from_numpy(order)], grid).numpy()
     return out
 
@@ -128,16 +149,19 @@ class Targets:
     """CLIP embeddings (in memory) and VAE latents (memory-mapped) of the images, looked up by nsdId."""
 
     def __init__(self, layout: DatasetRoot, *, vae: bool):
-        self.clip, self.clip_row = self._open(layout.vision_embeds_dir, CLIP_FILE, "CLIP image embeddings", 2)
-        self.clip = np.ascontiguousarray(self.clip, dtype=np.float32)
+        self.clip_path, self.vae_path = layout.clip_embeds, layout.vae_latents
+        clip, self.clip_row = self._open(layout.clip_embeds, layout.clip_index, "CLIP image embeddings", 2)
+        self.clip = np.ascontiguousarray(clip, dtype=np.float32)
+        bad = np.flatnonzero(~np.isfinite(self.clip).all(axis=1))  # one cheap pass over (images, D)
+        if len(bad):
+            raise refuse_non_finite(self.clip_path, int(bad[0]))
         self.vae, self.vae_row = (None, None)
         if vae:
-            self.vae, self.vae_row = self._open(layout.vae_embeds_dir, VAE_FILE, "VAE latents", 4)
+            self.vae, self.vae_row = self._open(layout.vae_latents, layout.vae_index, "VAE latents", 4)
 
     @staticmethod
-    def _open(folder, name, what, ndim):
-        path = require_file(folder / name, f"{what} of generate_clip_embeds.py")
-        index_path = folder / INDEX_FILE
+    def _open(path: Path, index_path: Path, what: str, ndim: int):
+        require_file(path, f"{what} of generate_clip_embeds.py")
         index = read_json(index_path, f"the index (nsd_ids) of the {what}")
         try:
             array = np.load(path, mmap_mode="r")
@@ -158,18 +182,26 @@ class Targets:
 
     def check(self, nsd_ids, where) -> None:
         """Every nsdId must have a CLIP (and VAE) target."""
-        for table, folder in ((self.clip_row, "vision_embeds"), (self.vae_row, "vae_embeds")):
+        for table, path in ((self.clip_row, self.clip_path), (self.vae_row, self.vae_path)):
             if table is None:
                 continue
             missing = sorted({int(i) for i in nsd_ids} - table.keys())
             if missing:
-                raise BadInputError(where, f"images without a target in {folder}/: nsdIds {missing[:5]} ...")
+                raise BadInputError(where, f"images without a target in {path}: nsdIds {missing[:5]} ...")
 
     def clip_of(self, nsd_ids) -> np.ndarray:
         return self.clip[[self.clip_row[int(i)] for i in nsd_ids]]
 
     def vae_of(self, nsd_id: int) -> np.ndarray:
         return np.array(self.vae[self.vae_row[int(nsd_id)]], dtype=np.float32)
+
+
+def epoch_batches(n: int, *, seed: int, epoch: int, batch_size: int, world: int, rank: int) -> list[list[int]]:
+    """This process's micro-batches of one epoch: a permutation seeded by (seed, epoch), cut into global
+    batches of batch_size * world (last partial batch dropped), rank r taking every world-th sample."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    step = batch_size * world
+    return [order[s + rank : s + step : world].tolist() for s in range(0, n - step + 1, step)]
 
 
 def mixup_partners(subjects: np.ndarray, nsd_ids: np.ndarray) -> list[np.ndarray]:
@@ -189,27 +221,28 @@ class FmriTrainSet(Dataset):
     """Training trials of all selected subjects; item = dict(volume, clip, [vae], subject, nsd_id, index).
 
     `volume` is float32 on the common grid when cached, else on the subject's own grid (float32): the
-    collate function groups by shape and `to_grid` resizes each group on the device.
+    collate function groups by shape and `device_batch` resizes each group on the device.
     """
 
     def __init__(self, layout: DatasetRoot, subjects: Sequence[int], grid: Sequence[int], targets: Targets,
                  *, mixup: bool = True, seed: int = 0, cache_bytes: float = 16e9):  # fmt: skip
         self.grid, self.targets, self.mixup, self.seed, self.epoch = tuple(grid), targets, mixup, seed, 0
-        self.sources, subj, ids, rows = [], [], [], []
+        self.sources, self.paths, subj, ids, rows = [], [], [], [], []
         for s in subjects:
             betas = open_betas(layout, s, "tr")
-            nsd, _ = read_split(layout, s, "tr", len(betas))
+            nsd = read_split(layout, s, "tr", len(betas)).nsd_ids
             targets.check(nsd, layout.fmri2image(s))
-            self.sources.append(betas)
+            self.sources.append(betas), self.paths.append(layout.whole_betas(s, "tr"))
             subj.append(np.full(len(betas), s)), ids.append(nsd), rows.append(np.arange(len(betas)))
         self.subjects, self.nsd_ids, self.rows = np.concatenate(subj), np.concatenate(ids), np.concatenate(rows)
         self.source_of = np.concatenate([np.full(len(b), k) for k, b in enumerate(self.sources)])
         self.partners = mixup_partners(self.subjects, self.nsd_ids)
-        need = len(self.nsd_ids) * math.prod(self.grid) * 2
+        need = len(self.nsd_ids) * math.prod(self.grid) * 2  # as resized_bytes: float16 on the common grid
         self.cache = None
         if need <= cache_bytes:
             log.info("resizing %d training volumes to %s in memory (%.2f GB float16)", len(self), self.grid, need / 1e9)
-            self.cache = torch.from_numpy(np.concatenate([resize_blocks(b, self.grid) for b in self.sources]))
+            blocks = [resize_blocks(b, self.grid, path=p) for b, p in zip(self.sources, self.paths, strict=True)]
+            self.cache = torch.from_numpy(np.concatenate(blocks))
         else:
             log.info("training set needs %.1f GB resized; reading and resizing on the fly", need / 1e9)
 
@@ -227,11 +260,11 @@ class FmriTrainSet(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return int(partners[rng.integers(len(partners))]), float(rng.random())
 
+    def _raw(self, index: int) -> np.ndarray:
+        return np.asarray(self.sources[self.source_of[index]][self.rows[index]], dtype=np.float32)
+
     def _volume(self, index: int) -> torch.Tensor:
-        if self.cache is not None:
-            return self.cache[index].float()
-        source = self.sources[self.source_of[index]]
-        return torch.from_numpy(np.asarray(source[self.rows[index]], dtype=np.float32))
+        return self.cache[index].float() if self.cache is not None else torch.from_numpy(self._raw(index))
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
@@ -250,6 +283,34 @@ class FmriTrainSet(Dataset):
         if self.targets.vae is not None:
             item["vae"] = torch.from_numpy(self.targets.vae_of(nsd_id))
         return item
+
+    def device_batch(self, batch: dict, device: torch.device | str) -> dict[str, torch.Tensor | None]:
+        """A collated batch on `device`: volumes (batch, *grid) float32, clip, vae (or None).
+
+        Runs in the main process, so that a non-finite value read on the fly (never cached, so never
+        checked at load) or a non-finite VAE latent is refused with one line naming its file, also when
+        DataLoader workers did the reading.
+        """
+        if self.cache is None:
+            for pos, stacked in batch["volumes"].values():
+                bad = non_finite_rows(stacked)
+                if len(bad):
+                    raise self._non_finite_sample(int(batch["index"][pos[bad[0]]]))
+        volumes = to_grid(batch["volumes"], self.grid, device)
+        vae = batch.get("vae")
+        if vae is not None:
+            bad = non_finite_rows(vae)
+            if len(bad):
+                nsd_id = int(batch["nsd_id"][bad[0]])
+                raise refuse_non_finite(self.targets.vae_path, self.targets.vae_row[nsd_id])
+            vae = vae.to(device)
+        return {"volumes": volumes, "clip": batch["clip"].to(device), "vae": vae}
+
+    def _non_finite_sample(self, index: int) -> BadInputError:
+        """Which of the sample and its MixUp partner holds the NaN / inf (only read again on this failure)."""
+        partner, _ = self.mix_of(index)
+        culprit = index if not np.isfinite(self._raw(index)).all() else partner
+        return refuse_non_finite(self.paths[self.source_of[culprit]], int(self.rows[culprit]))
 
 
 def collate(items: list[dict]) -> dict:
@@ -297,20 +358,21 @@ def load_test_sets(
     """Per subject: the repeat-averaged and the single-trial (first presentation) test set, images sorted."""
     sets = []
     for s in subjects:
-        betas = open_betas(layout, s, "te")
-        nsd, reps = read_split(layout, s, "te", len(betas))
+        betas, path = open_betas(layout, s, "te"), layout.whole_betas(s, "te")
+        index = read_split(layout, s, "te", len(betas))
+        nsd, reps = index.nsd_ids, index.repeats
         targets.check(nsd, layout.fmri2image(s))
         images = np.unique(nsd)
         avg = np.empty((len(images), *grid), dtype=np.float16)
         for k, image in enumerate(images):
             trials = np.flatnonzero(nsd == image)
-            avg[k] = resize_blocks(betas, grid, trials).astype(np.float32).mean(axis=0)
+            avg[k] = resize_blocks(betas, grid, trials, path=path).astype(np.float32).mean(axis=0)
         first = []
         for image in images:
             trials = np.flatnonzero(nsd == image)
             zero = trials[reps[trials] == 0]
             first.append(int(zero[0] if len(zero) else trials[0]))
-        single = resize_blocks(betas, grid, np.asarray(first))
+        single = resize_blocks(betas, grid, np.asarray(first), path=path)
         clip = targets.clip_of(images)
         sets.append(TestSet(s, "avg", images, torch.from_numpy(avg), clip))
         sets.append(TestSet(s, "single", images, torch.from_numpy(single), clip))

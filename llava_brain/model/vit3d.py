@@ -1,17 +1,22 @@
 """ViT3D: the fMRI encoder of the paper (Sec. 3.1, App. B) with its CLIP and VAE heads.
 
 Every subject's whole-brain volume (X, Y, Z in NSD's NIfTI order) is first resized to one common grid
-(`resize_to_grid`), then zero-padded at the *end* of each axis to a multiple of the patch size and cut into
-cubic patches. Only the "active" patches (those intersecting the union of all subjects' masks of the
-selected area, `active_patch_indices`) become tokens: the token gather is where the speed comes from,
-since attention cost grows with the square of the token count. The active index is stored in the config
-so that `from_pretrained` needs no flags. One model serves all subjects: no subject-specific parameters.
+(`llava_brain.geometry.resize_to_grid`), then zero-padded at the *end* of each axis to a multiple of the
+patch size and cut into cubic patches (`patchify`). Only the "active" patches (those intersecting the
+union of all subjects' masks of the selected area, `active_patch_indices`) become tokens: the token gather
+is where the speed comes from, since attention cost grows with the square of the token count. The active
+index is stored in the config so that `from_pretrained` needs no flags. One model serves all subjects: no
+subject-specific parameters.
+
+`patchify` and `active_patch_indices` stay here, not in `geometry`: together they define the model's token
+order (C order over the padded patch grid, voxels in C order within a patch), which the stored
+`active_patches` and the gather index depend on; the data never needs them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,27 +28,10 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from llava_brain.geometry import pad_to_patches, padded_patch_grid
+
 # subj01's func1pt8mm grid (X, Y, Z); the training script passes the prepared metadata's grid instead.
 DEFAULT_GRID = (81, 104, 83)
-
-
-def padded_patch_grid(grid: Sequence[int], patch_size: int) -> tuple[int, int, int]:
-    """Number of patches along X, Y, Z once each axis is zero-padded up to a multiple of `patch_size`."""
-    if len(grid) != 3 or patch_size < 1:
-        raise ValueError(f"need a 3-axis grid and a positive patch size, got grid={tuple(grid)}, patch={patch_size}")
-    return tuple(math.ceil(int(n) / patch_size) for n in grid)
-
-
-def pad_to_patches(volumes: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Zero-pad (batch, X, Y, Z) at the end of each axis to a multiple of `patch_size`.
-
-    Padding at the end (not centred) keeps voxel (0, 0, 0) at patch corner (0, 0, 0), so the patch index of a
-    voxel is simply `voxel // patch_size` and `active_patch_indices` agrees with the model without offsets.
-    """
-    nx, ny, nz = padded_patch_grid(volumes.shape[-3:], patch_size)
-    x, y, z = volumes.shape[-3:]
-    # F.pad lists (left, right) pairs starting from the last axis.
-    return F.pad(volumes, (0, nz * patch_size - z, 0, ny * patch_size - y, 0, nx * patch_size - x))
 
 
 def patchify(volumes: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -52,46 +40,16 @@ def patchify(volumes: torch.Tensor, patch_size: int) -> torch.Tensor:
     return rearrange(padded, "b (x p) (y q) (z r) -> b (x y z) (p q r)", p=patch_size, q=patch_size, r=patch_size)
 
 
-def active_patch_indices(union_mask_on_grid: np.ndarray | torch.Tensor, patch_size: int) -> list[int]:
+def active_patch_indices(union_mask: np.ndarray | torch.Tensor, patch_size: int) -> list[int]:
     """Indices (C order over the padded patch grid) of the patches holding at least one mask voxel.
 
-    `union_mask_on_grid` is a bool (X, Y, Z) mask already on the model's grid (see `union_mask_on_grid`).
+    `union_mask` is a bool (X, Y, Z) mask already on the model's grid (`geometry.union_mask_on_grid`).
     """
-    mask = torch.as_tensor(np.asarray(union_mask_on_grid, dtype=bool))
+    mask = torch.as_tensor(np.asarray(union_mask, dtype=bool))
     if mask.ndim != 3:
         raise ValueError(f"mask must be (X, Y, Z), got shape {tuple(mask.shape)}")
     any_voxel = patchify(mask[None].to(torch.uint8), patch_size)[0].amax(dim=1)  # (num_patches,)
     return torch.nonzero(any_voxel, as_tuple=True)[0].tolist()
-
-
-def resize_to_grid(volumes: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Trilinear resize of (batch, X, Y, Z) volumes to (batch, *grid) (align_corners=False, as in the paper).
-
-    Float volumes keep their dtype (the interpolation runs in float32: float16 is not supported on every CPU).
-    Bool masks are resized as float and thresholded at > 0, so that every output voxel touched by a mask voxel
-    is in the mask (growing rather than shrinking a region). Trilinear sampling reads only the two nearest
-    voxels per axis, which can skip a voxel when an axis shrinks by more than 2x; an adaptive max-pool is
-    OR-ed in so that every mask voxel still lands on at least one output voxel. Equal grids return the input.
-    """
-    grid = tuple(int(n) for n in grid)
-    if volumes.ndim != 4:
-        raise ValueError(f"volumes must be (batch, X, Y, Z), got shape {tuple(volumes.shape)}")
-    if tuple(volumes.shape[1:]) == grid:
-        return volumes
-    as_float = volumes[:, None].float()  # (batch, 1, X, Y, Z): interpolate wants a channel axis
-    resized = F.interpolate(as_float, size=grid, mode="trilinear", align_corners=False)[:, 0]
-    if volumes.dtype == torch.bool:
-        pooled = F.adaptive_max_pool3d(as_float, grid)[:, 0]
-        return (resized > 0) | (pooled > 0)
-    return resized.to(volumes.dtype)
-
-
-def union_mask_on_grid(masks: Iterable[np.ndarray | torch.Tensor], grid: Sequence[int]) -> np.ndarray:
-    """OR of several subjects' bool (X, Y, Z) masks, each first resized to `grid`; returns bool (*grid)."""
-    union = torch.zeros(tuple(grid), dtype=torch.bool)
-    for mask in masks:
-        union |= resize_to_grid(torch.as_tensor(np.asarray(mask, dtype=bool))[None], grid)[0]
-    return union.numpy()
 
 
 class ViT3DConfig(PretrainedConfig):
