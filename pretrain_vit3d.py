@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     world = accelerator.num_processes
     settings = {"subjects": subjects, "grid": list(grid), "world_size": world, "cached_float16": cached,
                 **{k: getattr(args, k) for k in SETTING_KEYS}}  # fmt: skip
-    run = StageRun(out, settings=settings, inputs=input_files(layout, subjects, vae=args.vae))
+    run = StageRun(out, settings=settings, inputs=input_files(layout, subjects, vae=args.vae), folder=True)
     if not prepare_out(run, args, out, accelerator):
         log.info("already trained with these settings and inputs: %s; nothing to do (--overwrite retrains)",
                  out / FINAL)  # fmt: skip

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     require_writable(args.out, "--out")
 
-    run = StageRun(args.out, settings=cfg.settings())  # simulated: no input files
+    run = StageRun(args.out, settings=cfg.settings(), folder=True)  # simulated: no input files
     if args.out.exists() and not args.overwrite and not manifest_of(args.out).is_file():
         # Not ours (or a tree written without the CLI): never replace a folder we did not finish.
         raise BadInputError(args.out, "exists but is not a finished mini-NSD tree; pass --overwrite or another --out")

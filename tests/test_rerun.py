@@ -36,6 +36,7 @@ def _inputs(tmp_path: Path) -> dict[str, Path]:
 def test_manifest_of_folder_and_file():
     assert manifest_of(Path("runs/vit3d")) == Path("runs/vit3d/run.json")
     assert manifest_of(Path("nsd/nsd_captions.json")) == Path("nsd/nsd_captions.json.run.json")
+    assert manifest_of(Path("runs/vit3d.v2"), folder=True) == Path("runs/vit3d.v2/run.json")
 
 
 def test_fingerprint_hashes_small_files_and_stats_large_ones(tmp_path, monkeypatch):

@@ -78,11 +78,16 @@ def write_run_json(out_dir: str | Path, args: Any, **extra: Any) -> Path:
 HASH_LIMIT_BYTES = 64 * 2**20
 
 
-def manifest_of(output: str | Path) -> Path:
-    """Where an output's provenance lives: `<folder>/run.json` for a folder (a name without a suffix),
-    `<file>.run.json` beside a file."""
+def manifest_of(output: str | Path, folder: bool | None = None) -> Path:
+    """Where an output's provenance lives: `<folder>/run.json` for a folder, `<file>.run.json` beside a file.
+
+    `folder=None` infers the kind: an existing folder, or a name without a suffix. Outputs whose folder
+    name the user picks (`--out runs/vit3d.v2`) must say `folder=True`.
+    """
     output = Path(output)
-    if output.is_dir() or not output.suffix:
+    if folder is None:
+        folder = output.is_dir() or not output.suffix
+    if folder:
         return output / RUN_MANIFEST
     return output.with_name(f"{output.name}.{RUN_MANIFEST}")
 
@@ -121,9 +126,12 @@ class StageRun:
     `finish` writes the provenance last, so its presence marks the output complete.
     """
 
-    def __init__(self, output: str | Path, *, settings: dict[str, Any], inputs: dict[str, Any] | None = None):
+    def __init__(
+        self, output: str | Path, *, settings: dict[str, Any], inputs: dict[str, Any] | None = None,
+        folder: bool | None = None,
+    ):  # fmt: skip
         self.output = Path(output)
-        self.manifest = manifest_of(self.output)
+        self.manifest = manifest_of(self.output, folder)
         self.settings = _plain(settings)
         self.inputs = {name: self._fingerprints(paths) for name, paths in (inputs or {}).items()}
 

@@ -250,7 +250,9 @@ def subject_stage(layout: DatasetRoot, subject: int, args: argparse.Namespace, o
     if args.target == "pixels":  # tens of thousands of PNGs: fingerprinted by their listing, not hashed
         train, test = _splits(layout, subject)
         inputs["stimulus_pngs"] = _png_listing(layout, np.unique(np.concatenate([train.nsd_ids, test.nsd_ids])))
-    return StageRun(layout.ridge_run(args.area, args.target, subject, out), settings=settings, inputs=inputs)
+    return StageRun(
+        layout.ridge_run(args.area, args.target, subject, out), settings=settings, inputs=inputs, folder=True
+    )
 
 
 def _report_line(result: dict, path: Path, note: str = "") -> str:
@@ -281,6 +283,7 @@ def write_summary(layout: DatasetRoot, args: argparse.Namespace, out: Path, resu
         folder,
         settings={"subjects": sorted(results), "area": args.area, "target": args.target},
         inputs={"subject_metrics": subject_files},
+        folder=True,
     )
     previous = stage.previous()
     if previous is None or stage.changes(previous) or not (folder / SUMMARY_FILE).is_file():  # derived: never refused
