@@ -12,10 +12,14 @@ Stages load them with `from_pretrained(<out>/<name>)` exactly as they load real 
   llm/          LlamaForCausalLM + byte-level BPE tokenizer trained on the tree's COCO captions
                 (+ instruction sentences), with `<image>` and LLaVA v1's chat template
   tiny_models.json (what each folder holds, parameter counts, CLIP held-out retrieval, VAE PixCorr)
-  and run.json.
-Weights are random except the CLIP towers' and the VAE's; the same settings give identical files.
-Built in a temporary sibling folder renamed onto --out at the end; a rerun with the same settings
-does nothing. The CLIP vocabulary comes from the open-clip-torch wheel (read, not imported).
+  and run.json (settings, input fingerprints, timings, torch threads: `io.StageRun`).
+Weights are random except the CLIP towers' and the VAE's. Built under a hidden `.<name>.partial`
+sibling swapped in whole, so a rerun after a kill starts over and writes the same files. A rerun with
+the same settings and NSD inputs does nothing; other ones are refused without --overwrite. The CLIP
+vocabulary comes from the open-clip-torch wheel (read, not imported).
+Same settings, inputs, CPU type and torch thread count (the CPU quota or OMP_NUM_THREADS, in run.json)
+give identical files. Another thread count sums floats in another order, so the weights differ in their
+last bits (on mini-NSD, 1 and 2 threads gave the same scores to 4 decimals).
 
   python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, ~80 s
   python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40 --clip-steps 40
@@ -28,23 +32,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from llava_brain import cli, runtime
 from llava_brain.errors import BadInputError, exits_on_bad_input
-from llava_brain.io import read_json, write_json, write_run_json
+from llava_brain.io import StageRun, read_json, recover_staged, require_writable, staged_folder, write_json
 from llava_brain.layout import NsdTree
 
 log = logging.getLogger("make_tiny_models")
 MANIFEST = "tiny_models.json"
 # Bump when the builders change what they write, so that an old folder is not taken as up to date.
-FORMAT_VERSION = 2  # 2: trained CLIP towers
+FORMAT_VERSION = 3  # 2: trained CLIP towers; 3: the shared warm-up + cosine schedule, run.json via StageRun
 COCO_SPLITS = ("train2017", "val2017")
 HELDOUT_IMAGES = 64  # shared1000 images whose reconstructions the VAE is scored on
 CLIP_HELDOUT_IMAGES = 1000  # shared1000 images CLIP retrieval is scored on: all of them (mini-NSD: 100)
@@ -62,7 +65,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="raw NSD tree (mini-NSD or real): COCO captions train the LLM tokenizer, stimuli train the VAE, "
         "(stimulus, caption) pairs train CLIP, COCO instance categories name DETR's labels",
     )  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="rebuild even if --out holds a complete set")
+    cli.add_overwrite(p, "rebuild even if --out holds a complete set (made with other settings or inputs)")
     # Models
     p.add_argument(
         "--seed", type=int, default=0, help="seed of every random initialisation and of CLIP and VAE training"
@@ -92,14 +95,14 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--vae-images", type=int, default=2048,
         help="most training images, spread evenly over the non-shared nsdIds (mini-NSD has 1600)",
     )  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    cli.add_quiet(p)
     return p
 
 
 def _settings(args) -> dict:
+    """What shapes the output (the NSD tree's content is in the input fingerprints, not its path)."""
     return {
         "format_version": FORMAT_VERSION,
-        "nsd_root": str(args.nsd_root.resolve()),
         "seed": args.seed,
         "image_size": args.image_size,
         "vocab_size": args.vocab_size,
@@ -107,6 +110,16 @@ def _settings(args) -> dict:
         "clip_images": args.clip_images,
         "vae_steps": args.vae_steps,
         "vae_images": args.vae_images,
+    }
+
+
+def _inputs(tree: NsdTree) -> dict:
+    """The NSD files the build reads (a caption or instances file of a split the tree lacks counts as missing)."""
+    return {
+        "stimuli": tree.stimuli,
+        "stim_info": tree.stim_info,
+        "captions": [tree.coco_annotations("captions", split) for split in COCO_SPLITS],
+        "instances": [tree.coco_annotations("instances", split) for split in COCO_SPLITS],
     }
 
 
@@ -183,79 +196,106 @@ def _clip_split(tree: NsdTree, captions: dict[int, list[str]], max_train: int):
     return _spread(others, max_train), _spread(shared, CLIP_HELDOUT_IMAGES), by_nsd_id
 
 
+class Plan(NamedTuple):
+    """Everything read from the NSD tree before any model is built (so bad input fails before the work)."""
+
+    captions: dict[int, list[str]]  # COCO image id -> captions
+    categories: list[str]  # names of COCO category ids 1..N
+    vae_train: np.ndarray  # nsdIds
+    vae_heldout: np.ndarray
+    clip_train: np.ndarray
+    clip_heldout: np.ndarray
+    captions_by_nsd_id: dict[int, list[str]]
+
+
+def plan_inputs(tree: NsdTree, args) -> Plan:
+    """Read captions, categories and the stimulus design; check the stimulus brick holds every image needed."""
+    from llava_brain.nsd import NsdStimuli
+
+    captions = _read_captions(tree)
+    categories = _read_categories(tree)
+    vae_train, vae_heldout = _vae_split(tree, args.vae_images)
+    clip_train, clip_heldout, by_nsd_id = _clip_split(tree, captions, args.clip_images)
+    last = int(np.concatenate([vae_train, vae_heldout, clip_train, clip_heldout]).max())
+    with NsdStimuli(tree.stimuli) as stimuli:  # fewer images than the design lists: one line, not an IndexError
+        if last >= len(stimuli):
+            raise BadInputError(
+                stimuli.path, f"imgBrick has {len(stimuli)} images but {tree.stim_info} lists nsdId {last}"
+            )
+    return Plan(captions, categories, vae_train, vae_heldout, clip_train, clip_heldout, by_nsd_id)
+
+
 def _describe(model, **extra) -> dict:
     from llava_brain.tiny import num_parameters
 
-    config = getattr(model, "config", None)
     entry = {"class": type(model).__name__, "parameters": num_parameters(model)}
-    model_type = getattr(config, "model_type", None)
-    if model_type:
-        entry["model_type"] = model_type
-    return {**entry, **extra}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return {**entry, **({"model_type": model_type} if model_type else {}), **extra}
 
 
-def _build_vae(tree: NsdTree, args, staging: Path) -> tuple:
+def _build_vae(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) -> tuple:
     from llava_brain import tiny
 
-    train_ids, heldout_ids = _vae_split(tree, args.vae_images)
     started = time.perf_counter()
-    train = tiny.images_to_tensor(_read_stimuli(tree, train_ids, args.image_size))
-    heldout = tiny.images_to_tensor(_read_stimuli(tree, heldout_ids, args.image_size))
-    read_seconds = time.perf_counter() - started
+    train = tiny.images_to_tensor(_read_stimuli(tree, plan.vae_train, args.image_size))
+    heldout = tiny.images_to_tensor(_read_stimuli(tree, plan.vae_heldout, args.image_size))
+    timings["vae_read"] = round(time.perf_counter() - started, 1)
     vae = tiny.build_vae(image_size=args.image_size, seed=args.seed)
-    report = {"train_images": len(train_ids), "heldout_images": len(heldout_ids), "steps": args.vae_steps,
-              "read_seconds": round(read_seconds, 1)}  # fmt: skip
+    report = {"train_images": len(plan.vae_train), "heldout_images": len(plan.vae_heldout), "steps": args.vae_steps}
     if args.vae_steps > 0:
         trained = tiny.train_vae(vae, train, steps=args.vae_steps, seed=args.seed, progress=not args.quiet)
+        timings["vae_train"] = round(trained.pop("seconds"), 1)
         report.update({k: round(v, 4) for k, v in trained.items()})
     report.update({k: round(v, 4) for k, v in tiny.reconstruction_pixcorr(vae, heldout).items()})
     vae.save_pretrained(staging / "vae")
-    log.info(
-        "VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f (%d steps, %.0f s)",
-        len(heldout_ids), report["pixcorr"], report["shuffled_pixcorr"], args.vae_steps, report.get("seconds", 0),
-    )  # fmt: skip
     return vae, report
 
 
-def _train_clip(tree: NsdTree, args, captions: dict[int, list[str]], vision, processor, text, tokenizer) -> dict:
+def _train_clip(tree: NsdTree, args, plan: Plan, vision, processor, text, tokenizer, timings: dict) -> dict:
     """Train the CLIP towers in place on non-shared1000 (stimulus, caption) pairs (`--clip-steps` > 0) and
     score image<->caption retrieval among the held-out shared1000 images; return the manifest's report."""
     from llava_brain import tiny
 
-    train_ids, heldout_ids, by_nsd_id = _clip_split(tree, captions, args.clip_images)
     size = vision.config.image_size
     started = time.perf_counter()
-    train = tiny.clip_pixel_values(_read_stimuli(tree, train_ids, size), processor)
-    heldout = tiny.clip_pixel_values(_read_stimuli(tree, heldout_ids, size), processor)
-    report = {"train_images": len(train_ids), "heldout_images": len(heldout_ids), "image_size": size,
-              "steps": args.clip_steps, "read_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    train = tiny.clip_pixel_values(_read_stimuli(tree, plan.clip_train, size), processor)
+    heldout = tiny.clip_pixel_values(_read_stimuli(tree, plan.clip_heldout, size), processor)
+    timings["clip_read"] = round(time.perf_counter() - started, 1)
+    report = {"train_images": len(plan.clip_train), "heldout_images": len(plan.clip_heldout), "image_size": size,
+              "steps": args.clip_steps}  # fmt: skip
+    captions = plan.captions_by_nsd_id
     if args.clip_steps > 0:
-        trained = tiny.train_clip(vision, text, tokenizer, train, [by_nsd_id[i] for i in train_ids],
+        trained = tiny.train_clip(vision, text, tokenizer, train, [captions[i] for i in plan.clip_train],
                                   steps=args.clip_steps, seed=args.seed, progress=not args.quiet)  # fmt: skip
+        timings["clip_train"] = round(trained.pop("seconds"), 1)
         report.update({k: round(v, 4) for k, v in trained.items()})
-    scores = tiny.clip_retrieval(vision, text, tokenizer, heldout, [by_nsd_id[i] for i in heldout_ids])
+    scores = tiny.clip_retrieval(vision, text, tokenizer, heldout, [captions[i] for i in plan.clip_heldout])
     report.update({k: round(v, 4) for k, v in scores.items()})
-    _log_clip(report)
     return report
 
 
-def _log_clip(report: dict) -> None:
+def _log_scores(clip: dict, vae: dict, timings: dict) -> None:
+    def took(report: dict, key: str) -> str:
+        return f" ({report['steps']} steps, {timings[key]:.0f} s)" if key in timings else ""
+
     log.info(
-        "CLIP on %d held-out shared1000 images: image->text top-1 %.3f, text->image %.3f (chance %.3f) "
-        "(%d steps, %.0f s)",
-        report["heldout_images"], report["image_to_text_top1"], report["text_to_image_top1"], report["chance"],
-        report["steps"], report.get("seconds", 0),
+        "CLIP on %d held-out shared1000 images: image->text top-1 %.3f, text->image %.3f (chance %.3f)%s",
+        clip["heldout_images"], clip["image_to_text_top1"], clip["text_to_image_top1"], clip["chance"],
+        took(clip, "clip_train"),
+    )  # fmt: skip
+    log.info(
+        "VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f%s",
+        vae["heldout_images"], vae["pixcorr"], vae["shuffled_pixcorr"], took(vae, "vae_train"),
     )  # fmt: skip
 
 
-def build_all(tree: NsdTree, args, staging: Path) -> dict:
+def build_all(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) -> dict:
     """Write every model folder into `staging`; return the manifest's "models", "clip_training" and
-    "vae_training" entries."""
+    "vae_training" entries (seconds go to `timings`, so the manifest is the same in every run)."""
     from llava_brain import tiny
 
     models: dict[str, dict] = {}
-    captions_by_coco_id = _read_captions(tree)
-    captions = [c for caps in captions_by_coco_id.values() for c in caps]
+    captions = [c for caps in plan.captions.values() for c in caps]
     bpe = tiny.train_byte_bpe([*captions, *tiny.INSTRUCTION_SENTENCES], vocab_size=args.vocab_size)
     corpus = {"captions": len(captions), "instruction_sentences": len(tiny.INSTRUCTION_SENTENCES)}
 
@@ -272,7 +312,7 @@ def build_all(tree: NsdTree, args, staging: Path) -> dict:
     models["blip2"] = _describe(blip2, processor=type(blip2_processor).__name__,
                                 tokenizer=type(blip2_processor.tokenizer).__name__)  # fmt: skip
 
-    detr, detr_processor = tiny.build_detr(categories=_read_categories(tree), seed=args.seed)
+    detr, detr_processor = tiny.build_detr(categories=plan.categories, seed=args.seed)
     detr.save_pretrained(staging / "detr")
     detr_processor.save_pretrained(staging / "detr")
     models["detr"] = _describe(detr, processor=type(detr_processor).__name__, id2label=detr.config.id2label)
@@ -280,7 +320,7 @@ def build_all(tree: NsdTree, args, staging: Path) -> dict:
     clip_vision, clip_processor = tiny.build_clip_vision(projection_dim=PROJECTION_DIM, seed=args.seed)
     clip_text, clip_tokenizer = tiny.build_clip_text(projection_dim=PROJECTION_DIM, seed=args.seed)
     # Trained before anything is saved and before build_unclip, so every folder holds the trained towers.
-    clip_report = _train_clip(tree, args, captions_by_coco_id, clip_vision, clip_processor, clip_text, clip_tokenizer)
+    clip_report = _train_clip(tree, args, plan, clip_vision, clip_processor, clip_text, clip_tokenizer, timings)
     clip_vision.save_pretrained(staging / "clip_vision")
     clip_processor.save_pretrained(staging / "clip_vision")
     models["clip_vision"] = _describe(clip_vision, processor=type(clip_processor).__name__,
@@ -289,7 +329,7 @@ def build_all(tree: NsdTree, args, staging: Path) -> dict:
     clip_tokenizer.save_pretrained(staging / "clip_text")
     models["clip_text"] = _describe(clip_text, tokenizer=type(clip_tokenizer).__name__, vocab_size=len(clip_tokenizer))
 
-    vae, vae_report = _build_vae(tree, args, staging)
+    vae, vae_report = _build_vae(tree, args, plan, staging, timings)
     models["vae"] = _describe(vae, latent_channels=vae.config.latent_channels,
                               scaling_factor=vae.config.scaling_factor)  # fmt: skip
 
@@ -302,71 +342,56 @@ def build_all(tree: NsdTree, args, staging: Path) -> dict:
     return {"models": models, "clip_training": clip_report, "vae_training": vae_report}
 
 
-def _require_same_settings(out: Path, settings: dict) -> None:
-    manifest = out / MANIFEST
-    if not manifest.is_file():
+def _check_args(parser: argparse.ArgumentParser, args) -> None:
+    # The VAE halves the image for most of its training and downsamples by 4.
+    if args.image_size < 16 or args.image_size % 8:
+        parser.error(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
+    if args.vae_steps < 0 or args.vae_images < 1 or args.clip_steps < 0 or args.clip_images < 2:
+        parser.error("--vae-steps and --clip-steps must be >= 0, --vae-images >= 1, --clip-images >= 2")
+    if args.vocab_size < 300:
+        parser.error("--vocab-size must be >= 300 (256 bytes + specials)")
+
+
+def _require_ours(out: Path, overwrite: bool) -> None:
+    """Never replace what this tool did not write: a file, or (without --overwrite) a non-empty folder
+    without run.json."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(out, "is a file; --out must be a folder (new, or one this tool wrote)")
+    if not overwrite and out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
         raise BadInputError(out, "exists but is not a finished tiny-model folder; pass --overwrite or another --out")
-    if read_json(manifest, "a tiny-models manifest").get("settings") != settings:
-        raise BadInputError(manifest, "was written with other settings; pass --overwrite to rebuild")
 
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    threads = runtime.limit_threads()
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
+    _check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # Sanity checks: the VAE halves the image for most of its training and downsamples by 4.
-    if args.image_size < 16 or args.image_size % 8:
-        build_parser().error(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
-    if args.vae_steps < 0 or args.vae_images < 1 or args.clip_steps < 0 or args.clip_images < 2:
-        build_parser().error("--vae-steps and --clip-steps must be >= 0, --vae-images >= 1, --clip-images >= 2")
-    if args.vocab_size < 300:
-        build_parser().error("--vocab-size must be >= 300 (256 bytes + specials)")
+    out = require_writable(args.out, "--out")
+    recover_staged(out)  # a kill left a half-built staging folder, or cut a swap between its two renames
+    _require_ours(out, args.overwrite)
+    tree = NsdTree(args.nsd_root)
+    run = StageRun(out, settings=_settings(args), inputs=_inputs(tree), folder=True)
+    if not run.needed(args.overwrite, complete=(out / MANIFEST).is_file()):
+        log.info("tiny models already complete at %s (same settings and inputs); nothing to do", out)
+        manifest = read_json(out / MANIFEST, "the tiny models manifest")
+        _log_scores(manifest["clip_training"], manifest["vae_training"], {})
+        return 0
+    plan = plan_inputs(tree, args)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Writing model shards" bars of save_pretrained
-    settings = _settings(args)
-    out = args.out
-    if out.exists() and not args.overwrite:
-        _require_same_settings(out, settings)
-        log.info("tiny models already complete at %s (same settings); nothing to do", out)
-        manifest = read_json(out / MANIFEST, "the tiny models manifest")
-        if "image_to_text_top1" in manifest.get("clip_training", {}):
-            _log_clip(manifest["clip_training"])
-        vae = manifest.get("vae_training", {})
-        if "pixcorr" in vae:
-            log.info("VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f",
-                     vae["heldout_images"], vae["pixcorr"], vae["shuffled_pixcorr"])  # fmt: skip
-        return 0
-
-    tree = NsdTree(args.nsd_root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    started = time.perf_counter()
-    try:
-        summary = build_all(tree, args, staging)
-        summary["seconds"] = round(time.perf_counter() - started, 1)
-        write_json(staging / MANIFEST, {"settings": settings, "seed": args.seed, **summary})
-        write_run_json(staging, args, summary={"seconds": summary["seconds"]})
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result should be as readable as any folder
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote tiny models to %s in %.1f s: %s", out, summary["seconds"], ", ".join(summary["models"]))
+    started, timings = time.perf_counter(), {}
+    with staged_folder(out) as staging:
+        summary = build_all(tree, args, plan, staging, timings)
+        write_json(staging / MANIFEST, {"seed": args.seed, **summary})
+        timings["total"] = round(time.perf_counter() - started, 1)
+        run.finish(args, into=staging, timings=timings, torch_threads=threads)
+    _log_scores(summary["clip_training"], summary["vae_training"], timings)
+    log.info("wrote tiny models to %s in %.1f s: %s", out, timings["total"], ", ".join(summary["models"]))
     return 0
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 if __name__ == "__main__":

@@ -1,0 +1,79 @@
+"""Tiny stand-ins for every full-scale model of the pipeline, built from configs (nothing is downloaded).
+
+Each builder returns the model, plus its processor or tokenizer, in the class the full-scale stage
+loads, so `save_pretrained` gives a folder that `from_pretrained` reads exactly like real weights.
+`tools/make_tiny_models.py` builds them all into one folder; docs/design.md ("Stages and their
+models") says which stage uses which. The package, by concern:
+
+- `tokenizers`: the byte-level BPE (LLM and BLIP-2's OPT tokenizer, trained here on captions plus
+  `INSTRUCTION_SENTENCES`) and OpenAI's real CLIP vocabulary (read from the open-clip-torch wheel);
+- `builders`: one `build_*` per model, each seeding its own random stream;
+- `clip_training`, `vae_training`: the two models that are trained (CLIP contrastively on image-caption
+  pairs, the VAE on stimuli); all others keep their random weights;
+- `metrics`: their held-out scores (CLIP retrieval, the VAE's reconstruction PixCorr).
+
+`from llava_brain import tiny` then `tiny.<name>` reaches every public name below.
+"""
+
+from llava_brain.tiny.builders import (
+    DEFAULT_SEED,
+    build_blip2,
+    build_clip_text,
+    build_clip_vision,
+    build_detr,
+    build_llm,
+    build_unclip,
+    build_vae,
+    detr_id2label,
+    num_parameters,
+    seeded,
+)
+from llava_brain.tiny.clip_training import clip_pixel_values, train_clip
+from llava_brain.tiny.metrics import clip_retrieval, pixcorr, reconstruct, reconstruction_pixcorr
+from llava_brain.tiny.tokenizers import (
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    INSTRUCTION_SENTENCES,
+    SPECIAL_TOKENS,
+    VICUNA_SYSTEM,
+    build_clip_tokenizer,
+    build_llm_tokenizer,
+    build_opt_tokenizer,
+    openai_clip_bpe_path,
+    openai_clip_vocab,
+    train_byte_bpe,
+)
+from llava_brain.tiny.vae_training import images_to_tensor, train_vae
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "DEFAULT_SEED",
+    "IMAGE_TOKEN",
+    "INSTRUCTION_SENTENCES",
+    "SPECIAL_TOKENS",
+    "VICUNA_SYSTEM",
+    "build_blip2",
+    "build_clip_text",
+    "build_clip_tokenizer",
+    "build_clip_vision",
+    "build_detr",
+    "build_llm",
+    "build_llm_tokenizer",
+    "build_opt_tokenizer",
+    "build_unclip",
+    "build_vae",
+    "clip_pixel_values",
+    "clip_retrieval",
+    "detr_id2label",
+    "images_to_tensor",
+    "num_parameters",
+    "openai_clip_bpe_path",
+    "openai_clip_vocab",
+    "pixcorr",
+    "reconstruct",
+    "reconstruction_pixcorr",
+    "seeded",
+    "train_byte_bpe",
+    "train_clip",
+    "train_vae",
+]
