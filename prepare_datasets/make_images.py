@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from llava_brain import cli
-from llava_brain.errors import BadInputError, exits_on_bad_input
+from llava_brain.errors import exits_on_bad_input
 from llava_brain.io import StageRun, atomic_path, require_writable
 from llava_brain.layout import DatasetRoot, NsdTree
 from llava_brain.nsd import NsdStimuli, StimInfo
@@ -160,10 +160,8 @@ def select_images(args: argparse.Namespace, tree: NsdTree, stimuli: NsdStimuli) 
     if args.all_images:
         return np.arange(len(stimuli))
     selected = StimInfo.load(tree.stim_info).images_seen_by(args.subject)
-    if selected.size and selected[-1] >= len(stimuli):
-        raise BadInputError(
-            stimuli.path, f"imgBrick has {len(stimuli)} images but {tree.stim_info} lists nsdId {selected[-1]}"
-        )
+    if selected.size:
+        stimuli.require_images(int(selected[-1]), tree.stim_info)
     return selected
 
 

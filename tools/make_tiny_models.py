@@ -217,11 +217,8 @@ def plan_inputs(tree: NsdTree, args) -> Plan:
     vae_train, vae_heldout = _vae_split(tree, args.vae_images)
     clip_train, clip_heldout, by_nsd_id = _clip_split(tree, captions, args.clip_images)
     last = int(np.concatenate([vae_train, vae_heldout, clip_train, clip_heldout]).max())
-    with NsdStimuli(tree.stimuli) as stimuli:  # fewer images than the design lists: one line, not an IndexError
-        if last >= len(stimuli):
-            raise BadInputError(
-                stimuli.path, f"imgBrick has {len(stimuli)} images but {tree.stim_info} lists nsdId {last}"
-            )
+    with NsdStimuli(tree.stimuli) as stimuli:
+        stimuli.require_images(last, tree.stim_info)
     return Plan(captions, categories, vae_train, vae_heldout, clip_train, clip_heldout, by_nsd_id)
 
 

@@ -37,6 +37,11 @@ class NsdStimuli:
     def __len__(self) -> int:
         return int(self._dset.shape[0])
 
+    def require_images(self, last_nsd_id: int, listed_in: str | Path) -> None:
+        """The brick must hold nsdId `last_nsd_id` (the largest a design file lists): one line, not an IndexError."""
+        if last_nsd_id >= len(self):
+            raise BadInputError(self.path, f"imgBrick has {len(self)} images but {listed_in} lists nsdId {last_nsd_id}")
+
     def __getitem__(self, nsd_id: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of one image."""
         nsd_id = int(nsd_id)
