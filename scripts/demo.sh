@@ -8,8 +8,12 @@ NSD_ROOT=$DEMO_DIR/mini_nsd
 DATASET_ROOT=$DEMO_DIR/root
 TINY=$DEMO_DIR/tiny_models
 SEED=0
-# torch's CPU kernels sum in an order that depends on the thread count, and a short training run
-# amplifies those last-digit differences: the demo's figures are reproducible for a fixed count.
+# A fixed torch thread count: torch's CPU kernels sum in an order that depends on the thread count,
+# and a short training run amplifies those last-digit differences (the ViT3D's top-1 here: 0.103 with
+# 2 threads, 0.065 with 1), so the demo's figures hold only for a fixed count. Two, because one thread
+# makes the demo ~1.6x slower (9.3 instead of 5.9 minutes on 2 idle cores). On a machine that other
+# work keeps busy, two OpenMP threads spin against each other (benchmarks/bench_threads.py): there,
+# OMP_NUM_THREADS=1 make demo is faster, with the 1-thread figures.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 echo "== 1. mini-NSD: a raw NSD tree (betas, ROIs, design, stimuli, COCO annotations)"

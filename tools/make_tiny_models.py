@@ -41,7 +41,7 @@ import numpy as np
 
 from llava_brain import cli, runtime
 from llava_brain.errors import BadInputError, exits_on_bad_input
-from llava_brain.io import StageRun, read_json, recover_staged, require_writable, staged_folder, write_json
+from llava_brain.io import StageRun, manifest_of, read_json, recover_staged, require_writable, staged_folder, write_json
 from llava_brain.layout import NsdTree
 
 log = logging.getLogger("make_tiny_models")
@@ -354,7 +354,7 @@ def _require_ours(out: Path, overwrite: bool) -> None:
     without run.json."""
     if out.exists() and not out.is_dir():
         raise BadInputError(out, "is a file; --out must be a folder (new, or one this tool wrote)")
-    if not overwrite and out.is_dir() and any(out.iterdir()) and not (out / "run.json").is_file():
+    if not overwrite and out.is_dir() and any(out.iterdir()) and not manifest_of(out, folder=True).is_file():
         raise BadInputError(out, "exists but is not a finished tiny-model folder; pass --overwrite or another --out")
 
 
