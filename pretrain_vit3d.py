@@ -179,8 +179,10 @@ def prepare_out(run: StageRun, args, out: Path, accelerator) -> bool:
     recover_checkpoint(accelerator, out / CHECKPOINT)
     if args.overwrite:
         if accelerator.is_main_process:
-            shutil.rmtree(out / CHECKPOINT, ignore_errors=True), shutil.rmtree(out / FINAL, ignore_errors=True)
-            (out / METRICS).unlink(missing_ok=True), run.manifest.unlink(missing_ok=True)
+            run.begin()
+            for folder in (CHECKPOINT, FINAL):
+                shutil.rmtree(out / folder, ignore_errors=True)
+            (out / METRICS).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
         return True
     if not run.needed(complete=(out / FINAL / "model.safetensors").is_file()):

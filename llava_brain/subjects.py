@@ -34,7 +34,6 @@ SPLITS = ("tr", "te")
 TRAIN, TEST = SPLITS
 # file suffix -> key of nsd_fmri2image.json
 SPLIT_KEYS = {"tr": "train", "te": "val"}
-SPLIT_NAMES = {"tr": "train", "te": "test (NSD shared-1000)"}
 ALL = "all"
 
 

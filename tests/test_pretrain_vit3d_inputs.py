@@ -73,7 +73,8 @@ def test_nan_betas_are_refused_naming_the_file(strong_root, tmp_path, split, ext
     out = tmp_path / "o"
     assert pretrain.main(_argv(root, out, *extra)) == 2
     line = capsys.readouterr().err.strip()
-    assert len(line.splitlines()) == 1 and line.startswith(f"error: {path}: holds non-finite values"), line
+    assert len(line.splitlines()) == 1 and line.startswith(f"error: {path}: has "), line
+    assert "non-finite value(s) (NaN or inf) in the betas" in line
     assert _nothing_final(out)
 
 
@@ -86,7 +87,8 @@ def test_infinite_targets_are_refused_naming_the_file(strong_root, tmp_path, tar
     values[::7] = np.inf
     replace_npy(path, values)
     assert pretrain.main(_argv(root, tmp_path / "o")) == 2
-    assert capsys.readouterr().err.strip().startswith(f"error: {path}: holds non-finite values")
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"error: {path}: has ") and "non-finite value(s) (NaN or inf)" in line, line
 
 
 def test_non_finite_loss_stops_before_anything_final(strong_root, tmp_path, capsys):

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from llava_brain.errors import BadInputError, require_file
 from llava_brain.geometry import resize_to_grid, union_mask_on_grid
-from llava_brain.io import read_json
+from llava_brain.io import read_json, require_finite
 from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.subjects import SPLITS, SampleIndex, sample_index
 
@@ -116,15 +116,6 @@ def read_split(layout: DatasetRoot, subject: int, split: str, samples: int) -> S
     return index
 
 
-def non_finite_rows(block: torch.Tensor) -> torch.Tensor:
-    """Positions along axis 0 of the samples holding a NaN or an infinity."""
-    return torch.nonzero(~torch.isfinite(block.reshape(len(block), -1)).all(dim=1), as_tuple=True)[0]
-
-
-def refuse_non_finite(path: Path, row: int) -> BadInputError:
-    return BadInputError(path, f"holds non-finite values (NaN or inf) in sample {row}; fix or regenerate the file")
-
-
 def resize_blocks(betas: np.ndarray, grid: Sequence[int], rows: np.ndarray | None = None, *,
                   path: Path) -> np.ndarray:  # fmt: skip
     """Rows of a (samples, X, Y, Z) array resized to `grid` in blocks of RESIZE_BLOCK; float16 result.
@@ -136,10 +127,9 @@ def resize_blocks(betas: np.ndarray, grid: Sequence[int], rows: np.ndarray | Non
     out = np.empty((len(rows), *grid), dtype=np.float16)
     for start in range(0, len(rows), RESIZE_BLOCK):
         wanted = rows[start : start + RESIZE_BLOCK]
-        block = torch.from_numpy(np.asarray(betas[np.sort(wanted)], dtype=np.float32))
-        bad = non_finite_rows(block)
-        if len(bad):
-            raise refuse_non_finite(path, int(np.sort(wanted)[bad[0]]))
+        sorted_rows = np.sort(wanted)
+        block = torch.from_numpy(require_finite(np.asarray(betas[sorted_rows], dtype=np.float32), path, "the betas",
+                                                rows=sorted_rows))  # fmt: skip
         order = np.argsort(np.argsort(wanted))  # back to the requested order
         out[start : start + len(block)] = resize_to_grid(block[torch.from_numpy(order)], grid).numpy()
     return out
@@ -151,10 +141,8 @@ class Targets:
     def __init__(self, layout: DatasetRoot, *, vae: bool):
         self.clip_path, self.vae_path = layout.clip_embeds, layout.vae_latents
         clip, self.clip_row = self._open(layout.clip_embeds, layout.clip_index, "CLIP image embeddings", 2)
-        self.clip = np.ascontiguousarray(clip, dtype=np.float32)
-        bad = np.flatnonzero(~np.isfinite(self.clip).all(axis=1))  # one cheap pass over (images, D)
-        if len(bad):
-            raise refuse_non_finite(self.clip_path, int(bad[0]))
+        # One cheap pass over (images, D), in memory anyway.
+        self.clip = require_finite(np.ascontiguousarray(clip, dtype=np.float32), self.clip_path, "the CLIP embeddings")
         self.vae, self.vae_row = (None, None)
         if vae:
             self.vae, self.vae_row = self._open(layout.vae_latents, layout.vae_index, "VAE latents", 4)
@@ -293,24 +281,22 @@ class FmriTrainSet(Dataset):
         """
         if self.cache is None:
             for pos, stacked in batch["volumes"].values():
-                bad = non_finite_rows(stacked)
-                if len(bad):
-                    raise self._non_finite_sample(int(batch["index"][pos[bad[0]]]))
+                if not torch.isfinite(stacked).all():
+                    bad = torch.nonzero(~torch.isfinite(stacked.reshape(len(stacked), -1)).all(dim=1))[0, 0]
+                    self._refuse_non_finite(int(batch["index"][pos[bad]]))
         volumes = to_grid(batch["volumes"], self.grid, device)
         vae = batch.get("vae")
         if vae is not None:
-            bad = non_finite_rows(vae)
-            if len(bad):
-                nsd_id = int(batch["nsd_id"][bad[0]])
-                raise refuse_non_finite(self.targets.vae_path, self.targets.vae_row[nsd_id])
+            rows = [self.targets.vae_row[int(n)] for n in batch["nsd_id"]]
+            vae = torch.from_numpy(require_finite(vae.numpy(), self.targets.vae_path, "the VAE latents", rows=rows))
             vae = vae.to(device)
         return {"volumes": volumes, "clip": batch["clip"].to(device), "vae": vae}
 
-    def _non_finite_sample(self, index: int) -> BadInputError:
-        """Which of the sample and its MixUp partner holds the NaN / inf (only read again on this failure)."""
+    def _refuse_non_finite(self, index: int) -> None:
+        """Raise naming whichever of the sample and its MixUp partner holds the NaN / inf (read again only now)."""
         partner, _ = self.mix_of(index)
-        culprit = index if not np.isfinite(self._raw(index)).all() else partner
-        return refuse_non_finite(self.paths[self.source_of[culprit]], int(self.rows[culprit]))
+        for i in (index, partner):
+            require_finite(self._raw(i)[None], self.paths[self.source_of[i]], "the betas", rows=[int(self.rows[i])])
 
 
 def collate(items: list[dict]) -> dict:

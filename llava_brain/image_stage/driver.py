@@ -175,7 +175,7 @@ def run_image_stage(stage: ImageStage, args: argparse.Namespace) -> int:
         # The old outputs are being replaced: if this run is killed, a plain rerun resumes its stored
         # batches instead of finding the old provenance and refusing the new settings.
         for run in runs:
-            run.manifest.unlink(missing_ok=True)
+            run.begin()
 
     accelerator = make_accelerator(args.device, args.precision, mixed=False)
     model = stage.load(Context(args, layout, accelerator.device, DTYPES[args.precision], runs[0].settings))
@@ -206,7 +206,7 @@ def run_image_stage(stage: ImageStage, args: argparse.Namespace) -> int:
         raise RuntimeError(f"{stage.what}: stored {len(stored)} images, expected {len(nsd_ids)}")
     for run in runs:
         # From here the outputs change: an old provenance must not vouch for them if this run dies.
-        run.manifest.unlink(missing_ok=True)
+        run.begin()
         _remove_temps(run.output, run.manifest)
     summary = model.write(parts, nsd_ids)
     for run in runs:
