@@ -260,6 +260,22 @@ class DatasetRoot:
         folder = self.runs_dir / stage
         return folder / name if name else folder
 
+    # Evaluation (tools/evaluate/): predictions of an encoder run, decoded images, scores.
+    def predictions(self, run: str, subject: int | None = None, kind: str | None = None) -> Path:
+        """Prediction files of encoder run `run` (fmri2embeds.py): <root>/runs/predictions/<run>[/subjXX_<kind>]."""
+        folder = self.run_dir("predictions", run)
+        return folder if subject is None else folder / f"{subject_name(subject)}_{kind}"
+
+    def reconstructions(self, run: str, decoder: str, subject: int | None = None, kind: str | None = None) -> Path:
+        """Images decoded from run `run`'s predictions (embeds2images.py): <root>/runs/recons/<run>_<decoder>[/...]."""
+        folder = self.run_dir("recons", f"{run}_{decoder}")
+        return folder if subject is None else folder / f"{subject_name(subject)}_{kind}"
+
+    @property
+    def eval_dir(self) -> Path:
+        """Scores (eval_retrieval.py, eval_recon.py, eval_captions.py) and the report: <root>/runs/eval."""
+        return self.run_dir("eval")
+
     # Ridge baseline (tools/evaluate/ridge_baseline.py) under <out> (default run_dir("ridge")):
     # ridge_<area>[_<target>]_subjXX per subject and ridge_<area>[_<target>] the run's summary; that
     # name is also the prefix retrieval_table.py reads. Target "clip" adds no suffix.

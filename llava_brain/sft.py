@@ -18,7 +18,7 @@ NSD's shared-1000 test set) list of `nsd_fmri2image.json` (split names: `llava_b
 row is one fMRI sample (a single trial). Several rows joined by "+" mean the average of those samples;
 `--per-image` writes these, one record per subject and image over all its repeats, with the rows in
 a `samples` list instead of `sample`, and ids such as `subj01_te_nsd004567_brief_description`.
-`parse_sample_reference` reads a reference back.
+`parse_sample_reference` reads a reference back (all three live in `llava_brain.subjects`).
 
 Instruction types. Three are built here, with no LLM, from the image's captions and objects:
 - brief_description: one of the paper's 14 prompts (Tab. 3); answer: one caption of the image
@@ -53,7 +53,7 @@ from typing import Any
 
 from llava_brain.errors import BadInputError
 from llava_brain.io import read_json
-from llava_brain.layout import subject_name
+from llava_brain.subjects import Sample
 
 IMAGE_TOKEN = "<image>"
 CONCEPT_FIELD = "{concept}"
@@ -68,7 +68,6 @@ INSTRUCTIONS_DIR = Path(__file__).resolve().parent.parent / "data" / "instructio
 MAX_PROMPT_OBJECTS = 5
 
 log = logging.getLogger(__name__)
-_REFERENCE = re.compile(r"subj(\d{2})/(tr|te)/(\d+(?:\+\d+)*)")
 
 
 # Instruction lists ----------------------------------------------------------------------------
@@ -98,56 +97,6 @@ def load_instruction_lists(folder: str | Path = INSTRUCTIONS_DIR) -> dict[str, l
             path = Path(folder) / "concept_localization.txt"
             raise BadInputError(path, f"every prompt needs {CONCEPT_FIELD} exactly once; found {prompt!r}")
     return lists
-
-
-# Sample references ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    """What one record's `image` stands for: rows of one subject's split, all showing one image;
-    `per_image` = the average of all the image's repeats (possibly one), else a single sample."""
-
-    subject: int
-    split: str
-    nsd_id: int
-    rows: tuple[int, ...]
-    per_image: bool = False
-
-    @property
-    def reference(self) -> str:
-        return f"{subject_name(self.subject)}/{self.split}/{'+'.join(map(str, self.rows))}"
-
-    @property
-    def key(self) -> str:
-        """Record id without the type: by row for a single sample, by nsdId for an image."""
-        unit = f"nsd{self.nsd_id:06d}" if self.per_image else f"{self.rows[0]:06d}"
-        return f"{subject_name(self.subject)}_{self.split}_{unit}"
-
-    @property
-    def fields(self) -> dict[str, Any]:
-        """The record's provenance keys beside `image`."""
-        where = {"samples": list(self.rows)} if self.per_image else {"sample": self.rows[0]}
-        return {"nsd_id": self.nsd_id, "subject": self.subject, "split": self.split, **where}
-
-
-def parse_sample_reference(reference: str) -> tuple[int, str, list[int]]:
-    """`"subj01/tr/5"` -> (1, "tr", [5]); `"subj01/te/3+9"` -> (1, "te", [3, 9])."""
-    match = _REFERENCE.fullmatch(reference)
-    if not match:
-        raise ValueError(f"not a sample reference 'subjXX/tr|te/row[+row...]': {reference!r}")
-    return int(match[1]), match[2], [int(row) for row in match[3].split("+")]
-
-
-def fmri_samples(nsd_ids: Sequence[int], subject: int, split: str, per_image: bool) -> list[Sample]:
-    """The samples of one subject's split (`nsd_ids` = its list in nsd_fmri2image.json), in row order;
-    per image: one per distinct image, holding all its rows, ordered by the image's first row."""
-    if not per_image:
-        return [Sample(subject, split, int(nsd_id), (row,)) for row, nsd_id in enumerate(nsd_ids)]
-    rows: dict[int, list[int]] = {}
-    for row, nsd_id in enumerate(nsd_ids):
-        rows.setdefault(int(nsd_id), []).append(row)
-    return [Sample(subject, split, nsd_id, tuple(r), per_image=True) for nsd_id, r in rows.items()]
 
 
 # Answers built from annotations ---------------------------------------------------------------

@@ -19,9 +19,11 @@ a sorted list of subject numbers, or stops with one line naming the folder and w
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -161,3 +163,58 @@ def images_of(layout: DatasetRoot, subjects: Sequence[int]) -> list[int]:
         mapping = read_fmri2image(layout, subject)
         ids.update(int(i) for split in SPLITS for i in mapping[split_key(split)])
     return sorted(ids)
+
+
+# Sample references ----------------------------------------------------------------------------
+# One fMRI input as text: "subjXX/<split>/<row>[+<row>...]" (rows of the split's arrays; several rows
+# joined by "+" = their average). SFT records (`image`), prediction files, generated texts and
+# reconstruction files all name their samples this way; `Sample.key` is the file-name form.
+
+_REFERENCE = re.compile(r"subj(\d{2})/(tr|te)/(\d+(?:\+\d+)*)")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What one record's `image` stands for: rows of one subject's split, all showing one image;
+    `per_image` = the average of all the image's repeats (possibly one), else a single sample."""
+
+    subject: int
+    split: str
+    nsd_id: int
+    rows: tuple[int, ...]
+    per_image: bool = False
+
+    @property
+    def reference(self) -> str:
+        return f"{subject_name(self.subject)}/{self.split}/{'+'.join(map(str, self.rows))}"
+
+    @property
+    def key(self) -> str:
+        """Record id without the type: by row for a single sample, by nsdId for an image."""
+        unit = f"nsd{self.nsd_id:06d}" if self.per_image else f"{self.rows[0]:06d}"
+        return f"{subject_name(self.subject)}_{self.split}_{unit}"
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The record's provenance keys beside `image`."""
+        where = {"samples": list(self.rows)} if self.per_image else {"sample": self.rows[0]}
+        return {"nsd_id": self.nsd_id, "subject": self.subject, "split": self.split, **where}
+
+
+def parse_sample_reference(reference: str) -> tuple[int, str, list[int]]:
+    """`"subj01/tr/5"` -> (1, "tr", [5]); `"subj01/te/3+9"` -> (1, "te", [3, 9])."""
+    match = _REFERENCE.fullmatch(reference)
+    if not match:
+        raise ValueError(f"not a sample reference 'subjXX/tr|te/row[+row...]': {reference!r}")
+    return int(match[1]), match[2], [int(row) for row in match[3].split("+")]
+
+
+def fmri_samples(nsd_ids: Sequence[int], subject: int, split: str, per_image: bool) -> list[Sample]:
+    """The samples of one subject's split (`nsd_ids` = its list in nsd_fmri2image.json), in row order;
+    per image: one per distinct image, holding all its rows, ordered by the image's first row."""
+    if not per_image:
+        return [Sample(subject, split, int(nsd_id), (row,)) for row, nsd_id in enumerate(nsd_ids)]
+    rows: dict[int, list[int]] = {}
+    for row, nsd_id in enumerate(nsd_ids):
+        rows.setdefault(int(nsd_id), []).append(row)
+    return [Sample(subject, split, nsd_id, tuple(r), per_image=True) for nsd_id, r in rows.items()]

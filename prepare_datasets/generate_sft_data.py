@@ -47,14 +47,13 @@ from llava_brain.sft import (
     build_turns,
     checked_sft_records,
     dump_sft_records,
-    fmri_samples,
     load_gpt_conversations,
     load_instruction_lists,
     make_record,
     merge_captions,
     salient_categories,
 )
-from llava_brain.subjects import SPLITS, read_fmri2image, split_key
+from llava_brain.subjects import SPLITS, fmri_samples, read_fmri2image, split_key
 
 log = logging.getLogger("generate_sft_data")
 

@@ -17,13 +17,13 @@ from llava_brain.layout import DatasetRoot
 from llava_brain.sft import (
     INSTRUCTIONS_DIR,
     load_instruction_lists,
-    parse_sample_reference,
     pick,
     read_sft_data,
     salient_categories,
     sd_prompt,
     validate_sft_records,
 )
+from llava_brain.subjects import parse_sample_reference
 
 from conftest import load_script
 
