@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ from llava_brain.image_stage import (
     model_files,
     model_setting,
     run_image_stage,
+    vae_source,
 )
 from llava_brain.io import write_json
 
@@ -94,14 +94,6 @@ class Preprocess:
         return out
 
 
-def _vae_source(name: str) -> tuple[str | None, str]:
-    """(subfolder, what) of --vae-model: a pipeline (or hub id) holds its VAE in vae/, else it is an AutoencoderKL."""
-    folder = Path(name)
-    if (folder / "model_index.json").is_file() or not folder.exists():
-        return "vae", "a Stable unCLIP pipeline with a VAE"
-    return None, "an AutoencoderKL"
-
-
 def _settings(args) -> dict:
     return {
         "clip_model": model_setting(args.clip_model),
@@ -115,7 +107,7 @@ def _inputs(args) -> dict:
     check_model_folder(args.clip_model, ("clip_vision_model", "clip"), CLIP_WHAT)
     inputs = {"clip_model": model_files(args.clip_model)}
     if not args.no_vae:
-        subfolder, what = _vae_source(args.vae_model)
+        subfolder, what = vae_source(args.vae_model)
         check_model_folder(args.vae_model, ("AutoencoderKL",), what, subfolder=subfolder)
         inputs["vae_model"] = model_files(args.vae_model, subfolder)
     return inputs
@@ -139,7 +131,7 @@ def _load(ctx: Context) -> Model:
     clip.to(ctx.device)
     vae = None
     if not args.no_vae:
-        subfolder, what = _vae_source(args.vae_model)
+        subfolder, what = vae_source(args.vae_model)
         with loading_model(args.vae_model, what):
             extra = {"subfolder": subfolder} if subfolder else {}
             vae = AutoencoderKL.from_pretrained(args.vae_model, torch_dtype=ctx.dtype, **extra).eval().to(ctx.device)

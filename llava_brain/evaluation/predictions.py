@@ -38,7 +38,7 @@ def check_kind(kind: str) -> str:
     return kind
 
 
-def test_samples(index: SampleIndex, kind: str) -> list[Sample]:
+def prediction_samples(index: SampleIndex, kind: str) -> list[Sample]:
     """The samples of one subject's split for `kind`, in ascending nsdId (the order of every prediction file).
 
     avg: one sample per image holding all its rows (in row order); single: the image's first presentation
@@ -148,5 +148,7 @@ def folder_name(subject: int, kind: str) -> str:
     return f"{subject_name(subject)}_{check_kind(kind)}"
 
 
-__all__ = ["KINDS", "Predictions", "folder_name", "prediction_folders", "test_samples",
+__all__ = ["KINDS", "Predictions", "folder_name", "prediction_folders", "prediction_samples",
            "write_predictions"]  # fmt: skip
+
+test_samples = prediction_samples  # transitional alias, removed once every caller uses prediction_samples

@@ -38,6 +38,7 @@ from llava_brain.image_stage.models import (
     model_files,
     model_setting,
     quiet_transformers,
+    vae_source,
 )
 from llava_brain.image_stage.parts import ArrayParts, RecordParts, open_work_folder, parts_folder, remove_parts
 
@@ -68,4 +69,5 @@ __all__ = [
     "run_image_stage",
     "select_images",
     "selection_settings",
+    "vae_source",
 ]

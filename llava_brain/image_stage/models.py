@@ -38,6 +38,18 @@ def check_model_folder(path: str, model_types: Sequence[str], what: str, subfold
         raise BadInputError(config, f"is a {found!r} model; expected {what} ({' or '.join(model_types)})")
 
 
+def vae_source(name: str) -> tuple[str | None, str]:
+    """(subfolder, what) of a VAE argument: a pipeline (or hub id) holds its VAE in vae/, else it is an AutoencoderKL.
+
+    The same Stable unCLIP pipeline folder serves the encoder (generate_clip_embeds.py) and the decoder
+    (embeds2images.py), so predicted latents are decoded by the VAE that made the targets.
+    """
+    folder = Path(name)
+    if (folder / "model_index.json").is_file() or not folder.exists():
+        return "vae", "a Stable unCLIP pipeline with a VAE"
+    return None, "an AutoencoderKL"
+
+
 def model_setting(name: str) -> str:
     """How a model is recorded in the settings: a local folder as its absolute path, a hub id as given."""
     return str(Path(name).resolve()) if Path(name).exists() else name
