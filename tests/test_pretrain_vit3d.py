@@ -61,18 +61,24 @@ def test_training_beats_chance_and_is_reported_beside_ridge(strong_root, tmp_pat
 
     ridge = load_script("tools/evaluate/ridge_baseline.py")
     assert ridge.main(["--dataset-root", str(strong_root), "--out", str(tmp_path / "ridge")]) == 0
+    predict = load_script("tools/evaluate/fmri2embeds.py")
+    evaluate = load_script("tools/evaluate/eval_retrieval.py")
+    for name, encoder, model in (("ridge", "ridge", tmp_path / "ridge" / "ridge_nsdgeneral"), ("vit3d", "vit3d", out)):
+        assert predict.main(["--encoder", encoder, "--model", str(model), "--dataset-root", str(strong_root),
+                             "--out", str(tmp_path / "pred" / name), "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+        assert evaluate.main(["--predictions", str(tmp_path / "pred" / name), "--dataset-root", str(strong_root)]) == 0
     table = load_script("tools/evaluate/retrieval_table.py")
     capsys.readouterr()
-    assert table.main(["--run", f"ridge={tmp_path / 'ridge' / 'ridge_nsdgeneral'}", "--run", f"vit3d={out}",
+    assert table.main(["--run", f"ridge={tmp_path / 'pred' / 'ridge'}", "--run", f"vit3d={tmp_path / 'pred' / 'vit3d'}",
                        "--json", str(tmp_path / "table.json")]) == 0  # fmt: skip
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == "| subject | chance | ridge avg | ridge single | vit3d avg | vit3d single |"
     subj01 = next(line for line in lines if line.startswith("| subj01 |")).split(" | ")
     assert float(subj01[4]) == pytest.approx(last["subj01/avg/top1_brain_to_image"], abs=5e-4)
     assert float(subj01[1]) == pytest.approx(1 / 50, abs=5e-4)
-    assert lines[-1].startswith("| mean |")
-    saved = json.loads((tmp_path / "table.json").read_text())
-    assert set(saved) == {"ridge", "vit3d"} and set(saved["vit3d"]) == {"subj01", "subj02"}
+    assert lines[-2].startswith("| mean |") and lines[-1].startswith("| shuffled (mean) |")
+    saved = json.loads((tmp_path / "table.json").read_text())["runs"]
+    assert set(saved) == {"ridge", "vit3d"} and set(saved["vit3d"]["subjects"]) == {"subj01", "subj02"}
 
 
 def _resume_argv(root, batch_size: int, grad_accum: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""llava_brain.evaluation.retrieval: top-1 retrieval both ways, MindEye's subset protocol, embedding metrics."""
+"""llava_brain.evaluation.retrieval: top-1 retrieval both ways, MindEye's subset protocol (mean and sd over its
+draws, against a direct computation), embedding metrics."""
 
 from __future__ import annotations
 
@@ -43,9 +44,32 @@ def test_mindeye_subset_equals_full_top1_when_small():
     rng = np.random.default_rng(2)
     target = rng.normal(size=(120, 8))
     pred = target + rng.normal(scale=1.5, size=target.shape)
-    full = top1_retrieval(pred, target)
+    full = {**top1_retrieval(pred, target), "brain_to_image_sd": 0.0, "image_to_brain_sd": 0.0}
     assert mindeye_retrieval(pred, target, subset=300, repeats=5) == full
     assert mindeye_retrieval(pred, target, subset=120) == full
+
+
+def test_mindeye_mean_and_sd_match_a_direct_computation():
+    # MindEye's loop written out with torch: 30 pools of 300 drawn without replacement from the seeded
+    # generator, the same pool both ways, top-1 by argmax of cosine similarity; mean and numpy's std.
+    rng = np.random.default_rng(7)
+    target = rng.normal(size=(500, 8))
+    pred = target + rng.normal(scale=1.2, size=target.shape)
+    draws = np.random.default_rng(11)
+    fwd, bwd = [], []
+    for _ in range(30):
+        pick = draws.choice(500, size=300, replace=False)
+        p = torch.nn.functional.normalize(torch.from_numpy(pred[pick]), dim=1)
+        t = torch.nn.functional.normalize(torch.from_numpy(target[pick]), dim=1)
+        labels = torch.arange(300)
+        fwd.append((p @ t.T).argmax(dim=1).eq(labels).double().mean().item())
+        bwd.append((t @ p.T).argmax(dim=1).eq(labels).double().mean().item())
+    result = mindeye_retrieval(pred, target, seed=11)
+    assert result["brain_to_image"] == pytest.approx(np.mean(fwd), abs=1e-12)
+    assert result["image_to_brain"] == pytest.approx(np.mean(bwd), abs=1e-12)
+    assert result["brain_to_image_sd"] == pytest.approx(np.std(fwd), abs=1e-12)
+    assert result["image_to_brain_sd"] == pytest.approx(np.std(bwd), abs=1e-12)
+    assert result["brain_to_image_sd"] > 0 and result["chance"] == 1 / 300
 
 
 def test_mindeye_subset_is_easier_and_deterministic():
@@ -70,7 +94,8 @@ def test_torch_input_and_embedding_metrics():
 def test_report_keys_and_shape_check():
     x = np.random.default_rng(5).normal(size=(10, 4))
     report = retrieval_report(x, x, prefix="te_")
-    expected = {"top1_brain_to_image", "top1_image_to_brain", "mindeye300_brain_to_image", "mindeye300_image_to_brain",
+    expected = {"top1_brain_to_image", "top1_image_to_brain", "mindeye300_brain_to_image",
+                "mindeye300_brain_to_image_sd", "mindeye300_image_to_brain", "mindeye300_image_to_brain_sd",
                 "mindeye300_chance", "mse", "cosine", "chance"}  # fmt: skip
     assert set(report) == {f"te_{k}" for k in expected}
     assert report["te_top1_brain_to_image"] == 1.0 and report["te_mse"] == 0.0

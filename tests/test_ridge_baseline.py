@@ -1,8 +1,9 @@
 """tools/evaluate/ridge_baseline.py on a hand-made dataset root whose betas are a noisy linear map of the targets.
 
-Besides the fit: the rerun rule (current subjects kept, changed settings refused, a run stopped between
-subjects finished by a plain rerun) and bad input (missing, truncated or non-finite arrays, an output
-location that cannot be written), each one line and exit 2.
+Besides the fit: the saved model (its normalisation and its predictions, checked with numpy), the rerun
+rule (current subjects kept, changed settings refused, a folder without its model refit, a run stopped
+between subjects finished by a plain rerun) and bad input (missing, truncated or non-finite arrays, an
+output location that cannot be written), each one line and exit 2.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file
 
 from llava_brain.layout import DatasetRoot
 
@@ -97,7 +99,7 @@ def test_ridge_retrieves_far_above_chance(ridge, clip_root, capsys):
     results = {}
     for subject, solver in ((1, "dual"), (2, "primal")):
         folder = clip_root.ridge_run("nsdgeneral", "clip", subject)
-        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "run.json"]
+        assert sorted(p.name for p in folder.iterdir()) == ["metrics.json", "model.safetensors", "run.json"]
         assert json.loads((folder / "run.json").read_text())["settings"]["subject"] == subject  # resolved, not "all"
         result = results[subject] = json.loads((folder / "metrics.json").read_text())
         assert result["solver"] == solver and result["num_voxels"] == VOXELS[subject]
@@ -245,3 +247,44 @@ def test_pixel_target_reads_thumbnails(ridge, tmp_path, capsys):
     capsys.readouterr()
     assert ridge.main(argv) == 2
     assert "input stimulus_pngs changed" in _one_line_error(capsys)
+
+
+def test_saved_model_predicts_what_was_scored(ridge, clip_root):
+    assert ridge.main(_argv(clip_root, "--subject", "1")) == 0
+    folder = clip_root.ridge_run("nsdgeneral", "clip", 1)
+    saved = load_file(str(folder / "model.safetensors"))
+    result = json.loads((folder / "metrics.json").read_text())
+    assert saved["weights"].shape == (VOXELS[1], DIM) and saved["weights"].dtype == np.float32
+    assert (folder / "model.safetensors").stat().st_mode == (folder / "metrics.json").stat().st_mode  # not 0600
+    assert (result["area"], result["target"], result["num_voxels"], result["model_file"]) == (
+        "nsdgeneral", "clip", VOXELS[1], "model.safetensors")  # fmt: skip
+    # The normalisation is the training targets' own: mean and std of the train samples' CLIP rows.
+    mapping = json.loads(clip_root.fmri2image(1).read_text())
+    clip = np.load(clip_root.clip_embeds)[::-1]  # stored in reverse nsdId order
+    train_targets = clip[mapping["train"]].astype(np.float64)
+    np.testing.assert_allclose(saved["y_mean"], train_targets.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(saved["y_std"], train_targets.std(0), rtol=1e-6)
+    # Top-1 of the saved model's averaged-test predictions, by hand, equals the reported one.
+    betas = np.load(clip_root.area_betas(1, "nsdgeneral", "te")).astype(np.float64)
+    val = np.asarray(mapping["val"])
+    images = np.unique(val)
+    x = np.stack([betas[val == n].mean(0) for n in images])
+    pred = (x @ saved["weights"].astype(np.float64) * saved["y_std"] + saved["y_mean"]).astype(np.float32)
+    target = clip[images].astype(np.float64)
+    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    t = target / np.linalg.norm(target, axis=1, keepdims=True)
+    hits = np.argmax(p @ t.T, axis=1) == np.arange(len(images))
+    assert result["metrics"]["avg/top1_brain_to_image"] == hits.mean()
+
+
+def test_folder_without_a_model_file_is_refit(ridge, clip_root, capsys):
+    argv = _argv(clip_root, "--subject", "1")
+    assert ridge.main(argv) == 0
+    folder = clip_root.ridge_run("nsdgeneral", "clip", 1)
+    (folder / "model.safetensors").unlink()  # as written before the model was saved: not a complete result
+    capsys.readouterr()
+    assert ridge.main(argv) == 0
+    assert "(current: kept)" not in capsys.readouterr().out
+    assert (folder / "model.safetensors").is_file()
+    assert ridge.main(argv) == 0
+    assert "(current: kept)" in capsys.readouterr().out

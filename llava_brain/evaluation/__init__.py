@@ -1,6 +1,6 @@
 """Evaluation metrics shared by the evaluation scripts (retrieval of predicted embeddings).
 
-`report` reads both writers' results into one shape; `inputs` loads `.npy` inputs with one-line errors.
+`report` reads eval_retrieval.py's JSON and lays out tables; `encoders` holds the ViT3D and ridge prediction code.
 """
 
 from llava_brain.evaluation.retrieval import (

@@ -4,6 +4,11 @@ Rows are paired: `pred[i]` is the prediction for `target[i]`. Retrieval uses the
 matrix S = norm(pred) @ norm(target).T (N, N); "brain_to_image" asks whether row i's best target is
 target i, "image_to_brain" whether column j's best prediction is pred j. Ties in argmax go to the
 first index (numpy). Everything is computed in float64; torch tensors are accepted.
+
+MindEye's protocol (Scotti et al. 2023): top-1 both ways within a pool of 300 test items drawn without
+replacement, 30 draws, the same pool for both directions; reported as the mean and the standard
+deviation (numpy's, ddof=0) over the draws. With N <= 300 every draw is the whole set: the mean is the
+full top-1 and the sd 0.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 
 MINDEYE_SUBSET = 300  # MindEye / MindEye2 report top-1 among 300 random test images, 30 draws
 MINDEYE_REPEATS = 30
+MINDEYE_SEED = 0  # the draws' generator seed (np.random.default_rng); training and eval_retrieval.py both use it
 
 
 def _as_float64(x: Any, name: str) -> np.ndarray:
@@ -56,9 +62,13 @@ def top1_retrieval(pred: Any, target: Any) -> dict[str, float]:
 
 
 def mindeye_retrieval(
-    pred: Any, target: Any, *, subset: int = MINDEYE_SUBSET, repeats: int = MINDEYE_REPEATS, seed: int = 0
+    pred: Any, target: Any, *, subset: int = MINDEYE_SUBSET, repeats: int = MINDEYE_REPEATS, seed: int = MINDEYE_SEED
 ) -> dict[str, float]:
-    """MindEye's protocol: top-1 among `subset` random test items (all if N < subset), mean over `repeats` draws."""
+    """MindEye's protocol: top-1 among `subset` random test items (all if N <= subset) over `repeats` draws.
+
+    Returns the mean over the draws ("brain_to_image", "image_to_brain"), their standard deviation
+    ("brain_to_image_sd", "image_to_brain_sd"; ddof=0) and chance = 1 / pool size.
+    """
     if subset < 1 or repeats < 1:
         raise ValueError(f"subset and repeats must be positive, got subset={subset}, repeats={repeats}")
     p, t = _pair(pred, target)
@@ -66,14 +76,16 @@ def mindeye_retrieval(
     sim = _unit_rows(p) @ _unit_rows(t).T
     if n <= subset:  # every draw would be the full set
         b2i, i2b = _top1_from_similarity(sim)
-        return {"brain_to_image": b2i, "image_to_brain": i2b, "chance": 1.0 / n}
+        return {"brain_to_image": b2i, "image_to_brain": i2b, "brain_to_image_sd": 0.0, "image_to_brain_sd": 0.0,
+                "chance": 1.0 / n}  # fmt: skip
     rng = np.random.default_rng(seed)
     scores = np.empty((repeats, 2))
     for r in range(repeats):
         pick = rng.choice(n, size=subset, replace=False)
         scores[r] = _top1_from_similarity(sim[np.ix_(pick, pick)])
-    b2i, i2b = scores.mean(axis=0)
-    return {"brain_to_image": float(b2i), "image_to_brain": float(i2b), "chance": 1.0 / subset}
+    (b2i, i2b), (b2i_sd, i2b_sd) = scores.mean(axis=0), scores.std(axis=0)
+    return {"brain_to_image": float(b2i), "image_to_brain": float(i2b), "brain_to_image_sd": float(b2i_sd),
+            "image_to_brain_sd": float(i2b_sd), "chance": 1.0 / subset}  # fmt: skip
 
 
 def embedding_metrics(pred: Any, target: Any) -> dict[str, float]:
@@ -83,17 +95,24 @@ def embedding_metrics(pred: Any, target: Any) -> dict[str, float]:
     return {"mse": float(np.mean((p - t) ** 2)), "cosine": float(np.mean(cosine))}
 
 
-def retrieval_report(pred: Any, target: Any, *, prefix: str = "") -> dict[str, float]:
-    """top1_*, mindeye300_*, mse, cosine and chance (of the full top-1) in one flat dict, keys prefixed."""
+def retrieval_report(pred: Any, target: Any, *, prefix: str = "", seed: int = MINDEYE_SEED) -> dict[str, float]:
+    """top1_*, mindeye300_* (mean, _sd, _chance), mse, cosine and chance (of the full top-1), keys prefixed.
+
+    The one computation behind every retrieval number: pretrain_vit3d.py's per-epoch metrics,
+    ridge_baseline.py and eval_retrieval.py call it on the same kind of inputs.
+    """
     p, t = _pair(pred, target)
     top1 = top1_retrieval(p, t)
-    mindeye = mindeye_retrieval(p, t)
+    mindeye = mindeye_retrieval(p, t, seed=seed)
+    name = f"mindeye{MINDEYE_SUBSET}"
     report = {
         "top1_brain_to_image": top1["brain_to_image"],
         "top1_image_to_brain": top1["image_to_brain"],
-        f"mindeye{MINDEYE_SUBSET}_brain_to_image": mindeye["brain_to_image"],
-        f"mindeye{MINDEYE_SUBSET}_image_to_brain": mindeye["image_to_brain"],
-        f"mindeye{MINDEYE_SUBSET}_chance": mindeye["chance"],
+        f"{name}_brain_to_image": mindeye["brain_to_image"],
+        f"{name}_brain_to_image_sd": mindeye["brain_to_image_sd"],
+        f"{name}_image_to_brain": mindeye["image_to_brain"],
+        f"{name}_image_to_brain_sd": mindeye["image_to_brain_sd"],
+        f"{name}_chance": mindeye["chance"],
         **embedding_metrics(p, t),
         "chance": top1["chance"],
     }

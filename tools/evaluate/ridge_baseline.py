@@ -6,8 +6,9 @@ statistics (predictions are un-z-scored before scoring). The ridge penalty is pi
 grid by validation MSE on the last 10 % of the training samples (by sample order; earlier samples of the
 same images are left out of that fit so repeats cannot leak), then refit on all training samples. Test
 retrieval (llava_brain.evaluation.retrieval_report) is reported on (a) repeat-averaged test betas, one row
-per test image in ascending nsdId, and (b) single trials = first presentation (`val_repeat == 0`). The
-test set is NSD's shared-1000 images ("te"/"val" in the dataset root; there is no separate validation split).
+per test image in ascending nsdId, and (b) single trials = each image's first presentation (repeat 0) —
+the samples of the prediction files (`predictions.prediction_samples`). The test set is NSD's shared-1000
+images ("te"/"val" in the dataset root; there is no separate validation split).
 
 Targets: `clip` = the CLIP image embeddings of generate_clip_embeds.py (`DatasetRoot.clip_embeds`, rows named
 by `clip_index`); `pixels` = an 8x8 RGB thumbnail of each stimulus PNG minus its mean colour (as
@@ -15,11 +16,15 @@ llava_brain/simulate/calibration.py), a check that stays meaningful when the CLI
 (the demo).
 
 Writes, under --out (default <root>/runs/ridge), one folder per subject, ridge_<area>[_pixels]_subjXX/
-{metrics.json, run.json}, and last the run's summary ridge_<area>[_pixels]/{summary.json, run.json} (each
-subject's metrics and their mean); `retrieval_table.py --run ridge=<out>/ridge_<area>` reads the subject
-folders. Prints one line per subject. A rerun skips subjects whose result is current (same settings and
-inputs), so a run killed between subjects finishes the rest; a result made with other settings or inputs
-is refused unless --overwrite. Non-finite betas or targets are refused, naming the file.
+{model.safetensors, metrics.json, run.json}, and last the run's summary ridge_<area>[_pixels]/{summary.json,
+run.json} (each subject's metrics and their mean). model.safetensors is the fitted model (weights (voxels, D)
+on z-scored targets, y_mean, y_std; float32; llava_brain.evaluation.encoders.RidgeModel); metrics.json says
+what it needs to predict (subject, area, target, num_voxels, target_dim). The metrics are computed from the
+saved float32 model's predictions, so `fmri2embeds.py --encoder ridge --model <out>/ridge_<area>` followed by
+`eval_retrieval.py` gives the same numbers (docs/predictions.md). Prints one line per subject. A rerun skips
+subjects whose result is current (same settings and inputs, every file there), so a run killed between
+subjects finishes the rest; a result made with other settings or inputs is refused unless --overwrite.
+Non-finite betas or targets are refused, naming the file.
 
 Full scale (real NSD, nsdgeneral ~15.7k voxels x ~27k training trials; memory and time not measured here — the
 float64 dual/primal Gram matrix alone is ~15.7k^2 x 8 B = 2 GB):
@@ -42,6 +47,8 @@ import numpy as np
 from llava_brain import cli
 from llava_brain.errors import BadInputError, exits_on_bad_input, require_file
 from llava_brain.evaluation import retrieval_report
+from llava_brain.evaluation.encoders import RIDGE_MODEL, RidgeModel, load_area_betas
+from llava_brain.evaluation.predictions import KINDS, prediction_samples
 from llava_brain.io import StageRun, load_npy, read_json, require_finite, require_writable, staged_folder, write_json
 from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.subjects import SampleIndex, read_fmri2image, sample_index
@@ -82,13 +89,6 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 # Inputs
-
-
-def _load_betas(path: Path, area: str, num_samples: int) -> np.ndarray:
-    betas = load_npy(path, f"(samples, voxels) betas of area {area!r}")
-    if betas.ndim != 2 or len(betas) != num_samples:
-        raise BadInputError(path, f"expected ({num_samples}, voxels) to match nsd_fmri2image.json; found {betas.shape}")
-    return require_finite(betas, path, "the betas").astype(np.float64)
 
 
 def _clip_targets(layout: DatasetRoot, nsd_ids: np.ndarray) -> np.ndarray:
@@ -174,24 +174,16 @@ def choose_alpha(x: np.ndarray, y: np.ndarray, ids: np.ndarray, alphas: list[flo
 # Per subject
 
 
-def _test_sets(betas_te: np.ndarray, val: np.ndarray, val_repeat: np.ndarray):
-    """(averaged betas, their nsdIds), (first-presentation betas, their nsdIds); both in ascending nsdId."""
-    test_ids = np.unique(val)
-    averaged = np.stack([betas_te[val == i].mean(axis=0) for i in test_ids])
-    first = np.flatnonzero(val_repeat == 0)
-    first = first[np.argsort(val[first], kind="stable")]
-    return (averaged, test_ids), (betas_te[first], val[first])
-
-
 def _splits(layout: DatasetRoot, subject: int) -> tuple[SampleIndex, SampleIndex]:
     mapping = read_fmri2image(layout, subject)
     return sample_index(layout, subject, "tr", mapping), sample_index(layout, subject, "te", mapping)
 
 
-def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace) -> dict:
+def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace) -> tuple[dict, RidgeModel]:
+    """Fit one subject and score the saved (float32) model's test predictions: (result, model)."""
     train, test = _splits(layout, subject)
-    x_tr = _load_betas(layout.area_betas(subject, args.area, "tr"), args.area, len(train))
-    x_te = _load_betas(layout.area_betas(subject, args.area, "te"), args.area, len(test))
+    x_tr = load_area_betas(layout.area_betas(subject, args.area, "tr"), args.area, len(train))
+    x_te = load_area_betas(layout.area_betas(subject, args.area, "te"), args.area, len(test))
     if x_tr.shape[1] != x_te.shape[1]:
         raise BadInputError(layout.area_betas(subject, args.area, "te"), "voxel count differs from train")
 
@@ -204,12 +196,17 @@ def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace
 
     alpha, selection = choose_alpha(x_tr, y_tr_z, train.nsd_ids, args.alpha)
     weights = RidgeSolver(x_tr, y_tr_z).weights(alpha)
+    model = RidgeModel(subject, args.area, args.target, weights.astype(np.float32), y_mean.astype(np.float32),
+                       y_std.astype(np.float32), alpha)  # fmt: skip
 
-    (avg_x, avg_ids), (single_x, single_ids) = _test_sets(x_te, test.nsd_ids, test.repeats)
-    metrics = {}
-    for name, x, ids in (("avg/", avg_x, avg_ids), ("single/", single_x, single_ids)):
-        pred = x @ weights * y_std + y_mean  # back to the target's units
-        metrics.update(retrieval_report(pred, embed[[row_of[int(n)] for n in ids]], prefix=name))
+    # The test sets of every prediction file (avg: repeats averaged, single: first presentation; ascending
+    # nsdId), predicted as fmri2embeds.py predicts them: scores equal eval_retrieval.py's on those files.
+    metrics, counts = {}, {}
+    for kind in KINDS:
+        samples = prediction_samples(test, kind)
+        pred = model.predict(x_te, samples)
+        metrics.update(retrieval_report(pred, embed[[row_of[s.nsd_id] for s in samples]], prefix=f"{kind}/"))
+        counts[kind] = len(samples)
     return {
         "subject": subject,
         "area": args.area,
@@ -222,11 +219,12 @@ def evaluate_subject(layout: DatasetRoot, subject: int, args: argparse.Namespace
         "num_train_samples": len(x_tr),
         "num_fit_samples": selection["num_fit"],
         "num_holdout_samples": selection["num_holdout"],
-        "num_test_images": len(avg_ids),
-        "num_test_single": len(single_ids),
+        "num_test_images": counts["avg"],
+        "num_test_single": counts["single"],
         "target_dim": int(embed.shape[1]),
+        "model_file": RIDGE_MODEL,
         "metrics": metrics,
-    }
+    }, model
 
 
 def subject_stage(layout: DatasetRoot, subject: int, args: argparse.Namespace, out: Path) -> StageRun:
@@ -309,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
             require_file(layout.area_betas(subject, args.area, split), what)
     require_writable(out, "--out folder")
     stages = {subject: subject_stage(layout, subject, args, out) for subject in args.subject}
-    todo = {s for s, stage in stages.items() if stage.needed(args.overwrite, (stage.output / METRICS_FILE).is_file())}
+    # Complete = the scores and the model: a folder from before models were saved is refit.
+    todo = {
+        s
+        for s, stage in stages.items()
+        if stage.needed(args.overwrite, all((stage.output / f).is_file() for f in (METRICS_FILE, RIDGE_MODEL)))
+    }
 
     results = {}
     for subject, stage in stages.items():
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             print(_report_line(results[subject], path, " (current: kept)"))
             continue
         start = time.perf_counter()
-        result = evaluate_subject(layout, subject, args)
+        result, model = evaluate_subject(layout, subject, args)
         result["seconds"] = round(time.perf_counter() - start, 2)
         bad = sorted(k for k, v in result["metrics"].items() if not np.isfinite(v))
         if bad:  # never let a degenerate fit replace a result: nothing is written
@@ -327,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"the fit on these betas gave non-finite metrics ({', '.join(bad[:3])}); "
                                 "nothing written, any earlier result is kept")  # fmt: skip
         with staged_folder(stage.output) as staging:
+            model.save(staging)
             write_json(staging / METRICS_FILE, result)
             stage.finish(args, into=staging, dataset_root=layout.root)
         results[subject] = result
