@@ -10,7 +10,8 @@ models") says which stage uses which. The package, by concern:
 - `builders`: one `build_*` per model, each seeding its own random stream;
 - `clip_training`, `vae_training`: the two models that are trained (CLIP contrastively on image-caption
   pairs, the VAE on stimuli); all others keep their random weights;
-- `metrics`: their held-out scores (CLIP retrieval, the VAE's reconstruction PixCorr).
+- `metrics`: their held-out scores (CLIP retrieval, the VAE's reconstruction PixCorr; `pixcorr` is
+  `llava_brain.evaluation.image_metrics.pixcorr`, re-exported).
 
 `from llava_brain import tiny` then `tiny.<name>` reaches every public name below.
 """

@@ -1,12 +1,15 @@
-"""Scores of the tiny models on held-out images: CLIP image<->caption retrieval and the VAE's reconstruction PixCorr."""
+"""Scores of the tiny models on held-out images: CLIP image<->caption retrieval and the VAE's reconstruction PixCorr.
+
+`pixcorr` is `llava_brain.evaluation.image_metrics.pixcorr`, the one eval_recon.py reports (re-exported here).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
+from llava_brain.evaluation.image_metrics import pixcorr  # one PixCorr for the tiny VAE and eval_recon.py
 from llava_brain.tiny.clip_training import tokenize_captions, unit_image_embeds, unit_text_embeds
 
 
@@ -46,20 +49,6 @@ def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor
     """Decode the posterior mean of each image ((n, 3, S, S) in [-1, 1]); clipped to [-1, 1]."""
     out = [vae.decode(vae.encode(chunk).latent_dist.mean).sample for chunk in images.split(batch_size)]
     return torch.cat(out).clamp(-1.0, 1.0)
-
-
-def pixcorr(a, b) -> float:
-    """MindEye's PixCorr: mean over images of the Pearson correlation of their flattened pixels.
-
-    a, b: (n, ...) arrays or tensors of the same shape (any layout and value range; pair i is a[i], b[i]).
-    """
-    a = torch.as_tensor(np.asarray(a) if not torch.is_tensor(a) else a, dtype=torch.float64).flatten(1)
-    b = torch.as_tensor(np.asarray(b) if not torch.is_tensor(b) else b, dtype=torch.float64).flatten(1)
-    if a.shape != b.shape:
-        raise ValueError(f"pixcorr needs arrays of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a = a - a.mean(1, keepdim=True)
-    b = b - b.mean(1, keepdim=True)
-    return float(((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-12)).mean())
 
 
 def reconstruction_pixcorr(vae, images: torch.Tensor) -> dict[str, float]:
