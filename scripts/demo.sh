@@ -7,6 +7,7 @@ DEMO_DIR=${DEMO_DIR:-demo_out}
 NSD_ROOT=$DEMO_DIR/mini_nsd
 DATASET_ROOT=$DEMO_DIR/root
 TINY=$DEMO_DIR/tiny_models
+EVAL=$DATASET_ROOT/runs/eval
 SEED=0
 # A fixed torch thread count: torch's CPU kernels sum in an order that depends on the thread count,
 # and a short training run amplifies those last-digit differences (the ViT3D's top-1 here: 0.103 with
@@ -145,8 +146,78 @@ python pretrain_vit3d.py \
   --precision fp32 \
   --device cpu
 
-echo "== 14. the ViT3D beside the ridge baseline and chance (CLIP targets, top-1 brain -> image)"
+echo "== 14. prediction files: the ViT3D and the ridge model over each subject's test images (averaged, single trial)"
+python tools/evaluate/fmri2embeds.py \
+  --encoder vit3d \
+  --model "$DATASET_ROOT/runs/vit3d" \
+  --dataset-root "$DATASET_ROOT" \
+  --device cpu \
+  --quiet
+python tools/evaluate/fmri2embeds.py \
+  --encoder ridge \
+  --model "$DATASET_ROOT/runs/ridge/ridge_nsdgeneral" \
+  --dataset-root "$DATASET_ROOT" \
+  --quiet
+
+echo "== 15. retrieval from the prediction files (top-1 and MindEye's pools, shuffled-fMRI control), side by side"
+for RUN in vit3d ridge_nsdgeneral; do
+  python tools/evaluate/eval_retrieval.py \
+    --predictions "$DATASET_ROOT/runs/predictions/$RUN" \
+    --json "$EVAL/retrieval_$RUN.json" > /dev/null
+done
 python tools/evaluate/retrieval_table.py \
-  --run ridge="$DATASET_ROOT/runs/ridge/ridge_nsdgeneral" \
-  --run vit3d="$DATASET_ROOT/runs/vit3d" \
+  --run ridge="$EVAL/retrieval_ridge_nsdgeneral.json" \
+  --run vit3d="$EVAL/retrieval_vit3d.json" \
   --json "$DATASET_ROOT/runs/retrieval_table.json"
+
+echo "== 16. low-level reconstructions: the ViT3D's predicted VAE latents through the unCLIP pipeline's VAE"
+python tools/evaluate/embeds2images.py \
+  --dataset-root "$DATASET_ROOT" \
+  --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
+  --decoder vae \
+  --model "$TINY/unclip" \
+  --device cpu \
+  --quiet
+
+echo "== 17. image metrics (Brain-Diffuser protocol, every subject and kind in one call) with shuffled pairs"
+echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one)"
+RECONS=() STIMULI=() SCORES=()
+for SUBJ in subj01 subj02 subj05 subj07; do
+  for KIND in avg single; do
+    RECONS+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_$KIND/recons")
+    STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_$KIND/stimuli")
+    SCORES+=("$EVAL/recon_vit3d_vae_${SUBJ}_${KIND}_braindiffuser.json")
+  done
+done
+python tools/evaluate/eval_recon.py \
+  --recons "${RECONS[@]}" \
+  --stimuli "${STIMULI[@]}" \
+  --json "${SCORES[@]}" \
+  --protocol braindiffuser \
+  --clip-model "$TINY/clip_vision" \
+  --device cpu \
+  --quiet > /dev/null
+
+echo "== 18. captions by retrieval from the predicted CLIP embeddings, scored against COCO (shuffled control)"
+python tools/evaluate/retrieve_captions.py \
+  --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
+  --dataset-root "$DATASET_ROOT" \
+  --kind avg \
+  --quiet
+python tools/evaluate/eval_captions.py \
+  --captions "$DATASET_ROOT/runs/captions/vit3d_retrieval_avg.jsonl" \
+  --dataset-root "$DATASET_ROOT" \
+  --refs coco \
+  --clip-vision "$TINY/clip_vision" \
+  --clip-text "$TINY/clip_text" \
+  --device cpu \
+  --json "$EVAL/captions_vit3d_retrieval_avg_coco.json" \
+  --quiet
+
+echo "== 19. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids"
+python tools/evaluate/make_report.py \
+  --evals "$EVAL" \
+  --out "$DEMO_DIR" \
+  --title "Demo report: mini-NSD, tiny models" \
+  --note "Simulated data (mini-NSD, 100 test images per subject) and tiny models trained for seconds: compare each measured row with its control row, not with the published rows (real NSD, full-size models)."
+echo "report: $DEMO_DIR/report.md"

@@ -3,7 +3,8 @@
 A user who clones the repository must not find references to pages that are not there. Every text
 file of the repository (what `git ls-files` lists, plus untracked files git does not ignore) is
 scanned for tokens ending in `.md`, such as `docs/paper.md` or `README.md`. A reference resolves if
-the file exists relative to the repository root, to the referencing file's folder, or to `docs/`.
+the file exists relative to the repository root, to the referencing file's folder, or to `docs/`;
+the names of generated Markdown outputs (`GENERATED`, e.g. the evaluation report) are not references.
 Mentions of the private notes folder the project was developed from are refused outright.
 """
 
@@ -23,6 +24,8 @@ SKIP_DIRS = {".git", ".venv", ".cache", "demo_out", "build", "dist", "__pycache_
 # before the suffix (so "*.md" or "{name}.md" templates are not references).
 MD_TOKEN = re.compile(r"(?<![\w./-])([\w./-]*\w\.md)(?!\w)")
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
+# Markdown files the project writes as outputs (tools/evaluate/make_report.py), not pages of the repository.
+GENERATED = {"report.md"}
 # Spelled in pieces so that this file does not mention them itself.
 FORBIDDEN = ("../" + "shared", "shared" + "/docs")
 
@@ -68,7 +71,7 @@ def dead_references(files: list[Path], root: Path) -> list[str]:
     for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         for number, token in md_references(text):
-            if not resolves(token, path, root):
+            if Path(token).name not in GENERATED and not resolves(token, path, root):
                 dead.append(f"{path.relative_to(root)}:{number}: {token}")
     return dead
 

@@ -314,3 +314,23 @@ def test_rerun_is_skipped_other_settings_are_refused(tool, pairs, tmp_path, caps
     assert "--overwrite" in error_line(capsys) and out.read_bytes() == before
     assert run(tool, pairs, "--metrics", "pixcorr", "--protocol", "mindeye", "--json", str(out), "--overwrite") == 0
     assert json.loads(out.read_text())["protocol"] == "mindeye"
+
+
+def test_several_folders_in_one_call_score_like_separate_calls(tool, tmp_path, capsys):
+    first = write_pairs(tmp_path / "a" / "subj01_avg", seed=1)
+    second = write_pairs(tmp_path / "b" / "subj02_avg", seed=2)
+    metrics = ["--metrics", "pixcorr", "ssim"]
+    for k, pair in enumerate((first, second)):
+        assert run(tool, pair, *metrics, "--json", str(tmp_path / f"one{k}.json")) == 0
+    both = [str(tmp_path / "both0.json"), str(tmp_path / "both1.json")]
+    argv = ["--recons", str(first[0]), str(second[0]), "--stimuli", str(first[1]), str(second[1]), "--quiet",
+            *metrics, "--json", *both]  # fmt: skip
+    assert tool.main(argv) == 0
+    for k in range(2):
+        one, together = (json.loads((tmp_path / f"{name}{k}.json").read_text()) for name in ("one", "both"))
+        assert together["metrics"] == one["metrics"] and together["shuffled"] == one["shuffled"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([*argv[:-1], "--overwrite"])  # two folders, one --json file
+    assert exit_info.value.code == 2
+    assert "one --stimuli folder (and one --json file) per --recons folder" in capsys.readouterr().err

@@ -31,6 +31,8 @@ def _commands(script: Path) -> list[tuple[str, list[str]]]:
     found = []
     for line in text.splitlines():
         words = shlex.split(line, comments=True)
+        # A redirection ("> /dev/null", "2>&1") ends the command's own words.
+        words = words[: next((i for i, w in enumerate(words) if re.fullmatch(r"\d?>>?(&\d)?|<", w)), len(words))]
         if not words or words[0] not in ("python", "python3", "accelerate"):
             continue
         stage = next((i for i, w in enumerate(words) if re.fullmatch(r"[\w./-]+\.py", w)), None)

@@ -2,7 +2,8 @@
 # ViT3D pretraining in the paper's configuration: one model for every prepared subject (1, 2, 5, 7 after
 # scripts/nsd/10_prepare.sh; nsdgeneral), 16 layers, width 768, patch 14, CLIP + VAE heads (loss MSE + 1/64
 # MSE), lr 5e-4, 30 epochs, batch 32, bf16 mixed precision on one GPU (docs/paper.md; ~8 h on one A100-80GB
-# there, not measured here), then the ridge baseline on the same test sets and both side by side. Position
+# there, not measured here), then the ridge baseline on the same test sets (saved as model.safetensors);
+# scripts/nsd/50_evaluate.sh turns both into prediction files and scores them side by side. Position
 # embeddings start at std 1.0 (our default; the paper does not say; ViT's 0.02 with --pos-init-std 0.02).
 # Outputs: $DATASET_ROOT/runs/vit3d (or $OUT) and $DATASET_ROOT/runs/ridge. A rerun skips what is current;
 # resume a killed run with RESUME=--resume. Status: docs/vit3d.md.
@@ -36,8 +37,3 @@ python tools/evaluate/ridge_baseline.py \
   --subject all \
   --area nsdgeneral \
   --target clip
-
-python tools/evaluate/retrieval_table.py \
-  --run ridge="$DATASET_ROOT/runs/ridge/ridge_nsdgeneral" \
-  --run vit3d="$OUT" \
-  --json "$OUT/retrieval_table.json"

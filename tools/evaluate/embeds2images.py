@@ -23,7 +23,7 @@ DatasetRoot.reconstructions(<run>, <decoder>, subject, kind) = <root>/runs/recon
 Bad input (no vae.npy, latents of another shape than the VAE's, a missing stimulus) stops with one line
 naming the file (exit 2); nothing half-written is left.
 
-Full scale (subjects 1 2 5 7, SD 2.1 unCLIP's VAE; 512x512 PNGs, ~1.5 GB for 4 subjects x 2 kinds):
+Full scale (subjects 1 2 5 7, SD 2.1 unCLIP's VAE; 7,856 PNGs at 512x512, ~2.4 GB at an estimated 0.3 MB each):
   python tools/evaluate/embeds2images.py --dataset-root /data/brain --predictions /data/brain/runs/predictions/vit3d \\
       --decoder vae --model stabilityai/stable-diffusion-2-1-unclip-small --device cuda --precision fp16
 Tiny (demo, seconds):

@@ -14,11 +14,12 @@ A network that is not there makes its metrics "unavailable" (the reason names th
 it) and the rest are still computed; --require-all makes that an error (exit 2).
 
 Prints a markdown table (metric | value | shuffled | ↑/↓). --json OUT writes {"evaluation": "recon", "run",
-"subject", "kind", "metrics", "shuffled", "n", "protocol", "unavailable", "networks"} and its provenance
-OUT.run.json; a rerun with the same settings and inputs is skipped, other settings are refused unless
+"subject", "kind", "recons", "stimuli", "metrics", "shuffled", "n", "protocol", "unavailable", "networks"} and
+its provenance OUT.run.json; a rerun with the same settings and inputs is skipped, other settings are refused unless
 --overwrite. Labels default to the reconstruction layout: with <recons>/../index.json (embeds2images.py),
 run = its "run" or the name of <recons>/../.. (<run>_<decoder>), subject and kind from it; otherwise run =
-the name of <recons>/.. .
+the name of <recons>/.. . Several folders (--recons A B --stimuli A' B' --json a.json b.json) are scored in one
+process, the networks loaded once: every folder is checked before anything is scored.
 
 Full scale (982 test images, GPU; weights in the torchvision cache, SwAV from facebookresearch/swav):
   python tools/evaluate/eval_recon.py --recons /data/brain/runs/recons/vit3d_vae/subj01_avg/recons \\
@@ -69,8 +70,11 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--recons", type=Path, required=True, help="folder of reconstruction PNGs (<key>.png)")
-    p.add_argument("--stimuli", type=Path, required=True, help="folder of the stimulus PNGs, same file names")
+    p.add_argument("--recons", type=Path, nargs="+", required=True,
+                   help="folder of reconstruction PNGs (<key>.png); several folders are scored one after another "
+                   "with the networks loaded once")  # fmt: skip
+    p.add_argument("--stimuli", type=Path, nargs="+", required=True,
+                   help="folder of the stimulus PNGs, same file names (one per --recons folder)")  # fmt: skip
     p.add_argument("--metrics", nargs="+", choices=METRICS, default=list(METRICS), metavar="NAME",
                    help=f"metrics to compute, of {' '.join(METRICS)} (default all)")  # fmt: skip
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default=DEFAULT_PROTOCOL,
@@ -108,15 +112,16 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="avg = repeat-averaged, single = first presentation, stored in the JSON (default: index.json)",
     )
-    p.add_argument("--json", type=Path, default=None, help="write the scores here (and provenance OUT.run.json)")
+    p.add_argument("--json", type=Path, nargs="+", default=None,
+                   help="write the scores here (and provenance OUT.run.json); one per --recons folder")  # fmt: skip
     cli.add_overwrite(p, "rescore even if --json holds a result made with other settings or inputs")
     cli.add_quiet(p)
     return p
 
 
-def labels(args) -> dict:
+def labels(args, recons: Path) -> dict:
     """run/subject/kind: the flags, else the reconstruction layout's index.json, else the folder names."""
-    folder = args.recons.resolve().parent  # <run>_<decoder>/subjXX_<kind> in the reconstruction layout
+    folder = recons.resolve().parent  # <run>_<decoder>/subjXX_<kind> in the reconstruction layout
     index_file = folder / "index.json"
     index = read_json(index_file, "the reconstructions' index.json") if index_file.is_file() else {}
     index = index if isinstance(index, dict) else {}
@@ -175,43 +180,33 @@ def print_result(result: dict) -> None:
         print(f"- {TITLES[metric]} unavailable: {reason}")
 
 
-@exits_on_bad_input
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = cli.parse_args(parser, argv)
+def check_args(parser: argparse.ArgumentParser, args) -> None:
     if args.batch_size < 1:
         parser.error("--batch-size must be 1 or more")
-    metrics = [m for m in METRICS if m in args.metrics]  # the paper's order, each once
-    if args.json:
-        require_writable(args.json, "--json file")
-    pairs = pair_folders(args.recons, args.stimuli)
-    networks = sorted({network_of(m) for m in metrics if m in METRIC_NODES})
-    names = labels(args)
-    stage = None
-    if args.json:
-        settings = {"metrics": metrics, "protocol": args.protocol, "seed": args.seed, "ties": args.ties,
-                    "clip_model": args.clip_model if "clip" in networks else None, **names}  # fmt: skip
-        inputs = {"recons": folder_fingerprint([r for _, r, _ in pairs]),
-                  "stimuli": folder_fingerprint([s for _, _, s in pairs]), **weight_inputs(args, networks)}  # fmt: skip
-        stage = StageRun(args.json, settings=settings, inputs=inputs, folder=False)
-        if not stage.needed(args.overwrite, complete=args.json.is_file()):
-            print(f"{args.json} is current (same settings and inputs); pass --overwrite to rescore")
-            print_result(read_json(args.json, "an eval_recon.py result"))
-            return 0
-    device = cli.resolve_device(args.device)
-    torch.backends.cudnn.allow_tf32 = False  # full fp32 convolutions on GPUs too: the same features as on a CPU
-    if args.quiet:
-        from transformers.utils import logging as hf_logging
+    if len(args.stimuli) != len(args.recons) or (args.json and len(args.json) != len(args.recons)):
+        parser.error("give one --stimuli folder (and one --json file) per --recons folder")
+    if len(args.recons) > 1 and (args.run or args.subject is not None or args.kind):
+        parser.error("--run, --subject and --kind label one folder; with several, labels come from index.json")
 
-        hf_logging.disable_progress_bar()  # "Loading weights" of the CLIP folder
-    started = time.monotonic()
-    nets, missing = load_networks(metrics, weights_dir=args.weights_dir, clip_model=args.clip_model,
-                                  swav_weights=args.swav_weights, device=device)  # fmt: skip
-    if missing and args.require_all:
-        first = next(iter(missing.values()))
-        others = f"; also unavailable: {', '.join(list(missing)[1:])}" if len(missing) > 1 else ""
-        raise BadInputError(first.path, f"missing; {first.how} ({first.network} weights, needed with --require-all"
-                            f"{others})")  # fmt: skip
+
+def prepare(args, recons: Path, stimuli: Path, out: Path | None, metrics: list[str], networks: list[str]):
+    """(pairs, labels, stage or None, current result or None) of one --recons folder; nothing is loaded yet."""
+    pairs = pair_folders(recons, stimuli)
+    names = labels(args, recons)
+    if out is None:
+        return pairs, names, None, None
+    settings = {"metrics": metrics, "protocol": args.protocol, "seed": args.seed, "ties": args.ties,
+                "clip_model": args.clip_model if "clip" in networks else None, **names}  # fmt: skip
+    inputs = {"recons": folder_fingerprint([r for _, r, _ in pairs]),
+              "stimuli": folder_fingerprint([s for _, _, s in pairs]), **weight_inputs(args, networks)}  # fmt: skip
+    stage = StageRun(out, settings=settings, inputs=inputs, folder=False)
+    if not stage.needed(args.overwrite, complete=out.is_file()):
+        print(f"{out} is current (same settings and inputs); pass --overwrite to rescore")
+        return pairs, names, stage, read_json(out, "an eval_recon.py result")
+    return pairs, names, stage, None
+
+
+def score(args, pairs, names: dict, metrics: list[str], nets: dict, missing: dict, recons: Path, stimuli: Path):
     perm = derangement(len(pairs), args.seed)
     values, shuffled = score_reconstructions(
         ImageFiles(r for _, r, _ in pairs), ImageFiles(s for _, _, s in pairs), metrics=metrics,
@@ -219,18 +214,56 @@ def main(argv: list[str] | None = None) -> int:
         progress=iter if args.quiet else partial(tqdm, desc="scoring batches", unit="batch"),
     )  # fmt: skip
     unavailable = {m: str(missing[network_of(m)]) for m in metrics if m not in values}
-    result = {
-        "evaluation": "recon", **names,
+    return {
+        "evaluation": "recon", **names, "recons": str(recons), "stimuli": str(stimuli),
         "metrics": {m: values.get(m, UNAVAILABLE) for m in metrics},
         "shuffled": {m: shuffled.get(m, UNAVAILABLE) for m in metrics},
         "n": len(pairs), "protocol": args.protocol, "seed": args.seed, "ties": args.ties,
         "unavailable": unavailable, "networks": {name: net.source for name, net in nets.items()},
     }  # fmt: skip
-    print_result(result)
-    if stage is not None:
-        stage.begin()
-        write_json(args.json, result)
-        stage.finish(args, seconds=round(time.monotonic() - started, 2), device=device)
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
+    check_args(parser, args)
+    metrics = [m for m in METRICS if m in args.metrics]  # the paper's order, each once
+    outs = args.json or [None] * len(args.recons)
+    for out in outs:
+        if out is not None:
+            require_writable(out, "--json file")
+    networks = sorted({network_of(m) for m in metrics if m in METRIC_NODES})
+    # Every folder is checked (pairing, labels, rerun rule) before any network is loaded or anything written.
+    jobs = [(recons, stimuli, out, *prepare(args, recons, stimuli, out, metrics, networks))
+            for recons, stimuli, out in zip(args.recons, args.stimuli, outs, strict=True)]  # fmt: skip
+    todo = [job for job in jobs if job[6] is None]
+    for job in jobs:
+        if job[6] is not None:
+            print_result(job[6])
+    if not todo:
+        return 0
+    device = cli.resolve_device(args.device)
+    torch.backends.cudnn.allow_tf32 = False  # full fp32 convolutions on GPUs too: the same features as on a CPU
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" of the CLIP folder
+    nets, missing = load_networks(metrics, weights_dir=args.weights_dir, clip_model=args.clip_model,
+                                  swav_weights=args.swav_weights, device=device)  # fmt: skip
+    if missing and args.require_all:
+        first = next(iter(missing.values()))
+        others = f"; also unavailable: {', '.join(list(missing)[1:])}" if len(missing) > 1 else ""
+        raise BadInputError(first.path, f"missing; {first.how} ({first.network} weights, needed with --require-all"
+                            f"{others})")  # fmt: skip
+    for recons, stimuli, out, pairs, names, stage, _ in todo:
+        started = time.monotonic()
+        result = score(args, pairs, names, metrics, nets, missing, recons, stimuli)
+        print_result(result)
+        if stage is not None:
+            stage.begin()
+            write_json(out, result)
+            stage.finish(args, seconds=round(time.monotonic() - started, 2), device=device)
     return 0
 
 
