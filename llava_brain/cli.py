@@ -89,6 +89,18 @@ def add_overwrite(p, help: str = "redo the output even if it is current") -> Non
     p.add_argument("--overwrite", action="store_true", help=help)
 
 
+def add_predictions(p, *, subject_filter: bool = False) -> None:
+    """--predictions: a prediction run folder (llava_brain/evaluation/predictions.py); with `subject_filter`
+    also --subject, a subset of the subjects it holds (checked by the script against the folder)."""
+    from pathlib import Path
+
+    p.add_argument("--predictions", type=Path, required=True,
+                   help="a prediction run folder of fmri2embeds.py (holds subjXX_avg/, subjXX_single/)")  # fmt: skip
+    if subject_filter:
+        p.add_argument("--subject", type=int, nargs="+", default=None,
+                       help="only these subject numbers (default: every subject in --predictions)")  # fmt: skip
+
+
 def add_quiet(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -150,5 +150,3 @@ def folder_name(subject: int, kind: str) -> str:
 
 __all__ = ["KINDS", "Predictions", "folder_name", "prediction_folders", "prediction_samples",
            "write_predictions"]  # fmt: skip
-
-test_samples = prediction_samples  # transitional alias, removed once every caller uses prediction_samples

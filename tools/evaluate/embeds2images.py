@@ -63,10 +63,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     # Data
     cli.add_dataset_root(p, "prepared dataset root (the stimuli, nsd/images/, and the default output under runs/)")
-    p.add_argument("--predictions", type=Path, required=True,
-                   help="a prediction run folder of fmri2embeds.py (holds subjXX_avg/, subjXX_single/)")  # fmt: skip
-    p.add_argument("--subject", type=int, nargs="+", default=None,
-                   help="only these subject numbers (default: every subject in --predictions)")  # fmt: skip
+    cli.add_predictions(p, subject_filter=True)
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                    help="avg = repeat-averaged, single = first presentation (default: both)")  # fmt: skip
     # Model

@@ -50,14 +50,11 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--predictions", type=Path, required=True,
-                   help="a prediction run folder of fmri2embeds.py (holds subjXX_avg/, subjXX_single/)")  # fmt: skip
+    cli.add_predictions(p, subject_filter=True)
     p.add_argument("--dataset-root", type=Path, default=None,
                    help="dataset root holding the CLIP embeddings (default: the root the run folder lies in, "
                    f"<root>/runs/predictions/<run>; else the one its run.json names; else "
                    f"${DATA_ROOT_ENV})")  # fmt: skip
-    p.add_argument("--subject", type=int, nargs="+", default=None,
-                   help="only these subject numbers (default: every subject in --predictions)")  # fmt: skip
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                    help="avg = repeats averaged, single = first presentation (default: both)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffled control's derangement (default 0)")

@@ -48,8 +48,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         description=__doc__, add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     # Data
-    p.add_argument("--predictions", type=Path, required=True,
-                   help="a prediction run folder of fmri2embeds.py (holds subjXX_avg/, subjXX_single/)")  # fmt: skip
+    cli.add_predictions(p)
     cli.add_dataset_root(p, "prepared dataset root (nsd/vision_embeds/, nsd/nsd_coco_captions.json, nsd/fmris/)")
     p.add_argument("--kind", choices=KINDS, default="avg",
                    help="which prediction folders: avg = repeat-averaged (default), "
