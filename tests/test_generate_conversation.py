@@ -226,7 +226,10 @@ def test_ctrl_c_keeps_finished_records_sorted(stage, tmp_path, monkeypatch):
         server.hold_after(2)  # two replies, then every request waits until the test releases the server
         cmd = [sys.executable, SCRIPT, "--dataset-root", str(root), "--prompt-type", "conversation",
                "--base-url", server.base_url, "--concurrency", "3"]  # fmt: skip
-        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # A shell's background job (`make test &`) ignores SIGINT, and a child inherits that: Python then never
+        # raises KeyboardInterrupt. Ctrl-C's default disposition is restored in the child before it starts.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
         wait_for(lambda: stored_lines(store) == 2, "two records are stored", proc)
         proc.send_signal(signal.SIGINT)
         output = proc.communicate(timeout=120)[0].decode()
