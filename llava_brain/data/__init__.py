@@ -1,5 +1,15 @@
-"""Datasets of the training stages."""
+"""Datasets of the training stages: ViT3D's fMRI volumes (`fmri`) and Brain-LLaVA's SFT data (`sft_dataset`,
+with the chat templates of `chat_templates`)."""
 
+from llava_brain.data.chat_templates import (
+    CHAT_TEMPLATES,
+    LLAMA3_CHAT_TEMPLATE,
+    VICUNA_CHAT_TEMPLATE,
+    add_image_token,
+    marks_assistant_turns,
+    prepare_tokenizer,
+    set_chat_template,
+)
 from llava_brain.data.fmri import (
     FmriTrainSet,
     Targets,
@@ -13,17 +23,38 @@ from llava_brain.data.fmri import (
     to_grid,
     union_area_mask,
 )
+from llava_brain.data.sft_dataset import (
+    IGNORE_INDEX,
+    SftCollator,
+    SftDataset,
+    sample_volume,
+    to_messages,
+    tokenize_conversation,
+)
 
 __all__ = [
+    "CHAT_TEMPLATES",
+    "IGNORE_INDEX",
+    "LLAMA3_CHAT_TEMPLATE",
+    "VICUNA_CHAT_TEMPLATE",
     "FmriTrainSet",
+    "SftCollator",
+    "SftDataset",
     "Targets",
     "TestSet",
+    "add_image_token",
     "collate",
     "common_grid",
     "epoch_batches",
     "input_files",
     "load_test_sets",
+    "marks_assistant_turns",
     "mixup_partners",
+    "prepare_tokenizer",
+    "sample_volume",
+    "set_chat_template",
     "to_grid",
+    "to_messages",
+    "tokenize_conversation",
     "union_area_mask",
 ]
