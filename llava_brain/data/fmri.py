@@ -299,6 +299,23 @@ class FmriTrainSet(Dataset):
             require_finite(self._raw(i)[None], self.paths[self.source_of[i]], "the betas", rows=[int(self.rows[i])])
 
 
+def averaged_volumes(betas: np.ndarray, grid: Sequence[int], row_groups: Sequence[Sequence[int]], *,
+                     path: Path) -> np.ndarray:  # fmt: skip
+    """(groups, *grid) float16: each group's rows of (samples, X, Y, Z) `betas` resized to `grid` (float16,
+    trilinear, per volume) and averaged in float32, as `load_test_sets` prepares its repeat-averaged volumes.
+
+    The one preparation of an fMRI input outside training: prediction files (evaluation/encoders.py) and
+    Brain-LLaVA's data and processor (data/sft_dataset.py) call it, so all see the same volume."""
+    rows = np.concatenate([np.asarray(g, dtype=np.int64) for g in row_groups])
+    resized = resize_blocks(betas, grid, rows, path=path)  # float16, NaN / inf refused naming `path`
+    out = np.empty((len(row_groups), *grid), dtype=np.float16)
+    start = 0
+    for k, group in enumerate(row_groups):
+        out[k] = resized[start : start + len(group)].astype(np.float32).mean(axis=0)
+        start += len(group)
+    return out
+
+
 def collate(items: list[dict]) -> dict:
     """Stack an item list; volumes of different grids are kept as groups {shape: (positions, stacked)}."""
     groups: dict[tuple, list[int]] = defaultdict(list)

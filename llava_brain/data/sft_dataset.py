@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import Dataset
 
 from llava_brain.data.chat_templates import IMAGE_TOKEN, marks_assistant_turns
-from llava_brain.data.fmri import open_betas, read_split, resize_blocks
+from llava_brain.data.fmri import averaged_volumes, open_betas, read_split
 from llava_brain.errors import BadInputError
 from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.sft import read_sft_data
@@ -131,8 +131,7 @@ def control_tokens_pattern(tokenizer, image_token: str = IMAGE_TOKEN) -> re.Patt
 def sample_volume(betas: np.ndarray, grid: Sequence[int], rows: Sequence[int], *, path: Path) -> np.ndarray:
     """(*grid) float32: `rows` of a (samples, X, Y, Z) array resized to `grid` (float16), averaged in float32 and
     rounded to float16, as `llava_brain.evaluation.encoders.prepared_volumes` does for one sample."""
-    resized = resize_blocks(betas, grid, np.asarray(rows, dtype=np.int64), path=path)
-    return resized.astype(np.float32).mean(axis=0).astype(np.float16).astype(np.float32)
+    return averaged_volumes(betas, grid, [rows], path=path)[0].astype(np.float32)
 
 
 class SftDataset(Dataset):

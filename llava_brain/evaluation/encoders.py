@@ -193,17 +193,9 @@ def prepared_volumes(betas: np.ndarray, grid: Sequence[int], samples: Sequence[S
     Resizing is per volume (trilinear), so resizing the rows of several samples in one call gives each
     the same values as resizing them image by image; the average is float32 over the (rows, *grid) block.
     """
-    from llava_brain.data.fmri import resize_blocks
+    from llava_brain.data.fmri import averaged_volumes
 
-    rows = np.concatenate([np.asarray(s.rows, dtype=np.int64) for s in samples])
-    resized = resize_blocks(betas, grid, rows, path=path)  # float16, NaN / inf refused naming `path`
-    out = np.empty((len(samples), *grid), dtype=np.float16)
-    start = 0
-    for k, sample in enumerate(samples):
-        block = resized[start : start + len(sample.rows)]
-        out[k] = block.astype(np.float32).mean(axis=0)
-        start += len(sample.rows)
-    return out
+    return averaged_volumes(betas, grid, [s.rows for s in samples], path=path)
 
 
 def predict_vit3d(model, betas: np.ndarray, samples: Sequence[Sample], *, path: Path, batch_size: int, device: str,

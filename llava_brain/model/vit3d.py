@@ -52,6 +52,20 @@ def active_patch_indices(union_mask: np.ndarray | torch.Tensor, patch_size: int)
     return torch.nonzero(any_voxel, as_tuple=True)[0].tolist()
 
 
+def _requested_layers(request: bool | int | Sequence[int] | None, num_layers: int) -> list[int] | None:
+    """Hidden-state indices (0 = embeddings .. num_layers) that an int / list `output_hidden_states` names;
+    None for a bool or None (everything is computed). Negative indices count from the end, as in a tuple."""
+    if request is None or isinstance(request, bool):
+        return None
+    wanted = [request] if isinstance(request, int) else list(request)
+    count = num_layers + 1
+    if not wanted or any(isinstance(i, bool) or not isinstance(i, int) or not -count <= i < count for i in wanted):
+        raise ValueError(
+            f"output_hidden_states must be a bool or layer indices in [-{count}, {count}), got {request!r}"
+        )
+    return [i % count for i in wanted]
+
+
 class ViT3DConfig(PretrainedConfig):
     model_type = "vit3d"
 
@@ -248,23 +262,41 @@ class ViT3D(PreTrainedModel):
         cls = self.cls_token.expand(volumes.shape[0], -1, -1)
         return self.embed_dropout(torch.cat([cls, tokens], dim=1))
 
-    def forward(self, volumes: torch.Tensor, *, output_hidden_states: bool = False) -> ViT3DOutput:
+    def forward(self, volumes: torch.Tensor, *, output_hidden_states: bool | int | Sequence[int] | None = False,
+                return_dict: bool | None = True, **kwargs) -> ViT3DOutput | tuple:  # fmt: skip
+        """volumes (batch, X, Y, Z) on the config's grid -> heads' outputs and, on request, the hidden states.
+
+        output_hidden_states: True = all hidden states (embeddings, then every block's output). LLaVA calls its
+            vision tower as `tower(pixel_values, return_dict=True, output_hidden_states=<vision_feature_layer>)`:
+            an int or a list of ints (0 included) asks for those layers only, so only the blocks up to the deepest
+            of them run; the later entries of `hidden_states` are None, and so are clip, vae and last_hidden_state
+            (the heads read the last block). For the penultimate layer (-2) that skips the last block.
+        return_dict: False = a tuple of the non-None fields (transformers' convention).
+        kwargs: what a caller forwards through the tower (e.g. the HF Trainer's num_items_in_batch) is ignored.
+        """
+        layers = _requested_layers(output_hidden_states, self.config.num_layers)
         x = self.embed(volumes)
         hidden_states = [x]
-        for block in self.blocks:
+        depth = self.config.num_layers if layers is None else max(layers)
+        for block in self.blocks[:depth]:
             x = block(x)
             hidden_states.append(x)
-        x = self.norm(x)
-        cls = x[:, 0]
-        vae = None
-        if self.vae_head is not None:
-            vae = self.vae_head(cls).view(-1, *self.config.vae_shape)
-        return ViT3DOutput(
-            clip=self.clip_head(cls),
-            vae=vae,
-            last_hidden_state=x,
-            hidden_states=tuple(hidden_states) if output_hidden_states else None,
-        )
+        if layers is not None:
+            hidden_states += [None] * (self.config.num_layers - depth)
+            output = ViT3DOutput(hidden_states=tuple(hidden_states))
+        else:
+            x = self.norm(x)
+            cls = x[:, 0]
+            vae = None
+            if self.vae_head is not None:
+                vae = self.vae_head(cls).view(-1, *self.config.vae_shape)
+            output = ViT3DOutput(
+                clip=self.clip_head(cls),
+                vae=vae,
+                last_hidden_state=x,
+                hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            )
+        return output if return_dict is not False else output.to_tuple()
 
     def tokens(self, volumes: torch.Tensor) -> torch.Tensor:
         """Penultimate layer's hidden states (batch, num_tokens, hidden) for the LLM projector.
