@@ -54,7 +54,7 @@ python prepare_datasets/make_coco_annotations.py \
   --subject all
 
 echo "== 6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP and VAE trained on mini-NSD, unCLIP, Llama)"
-echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs)"
+echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs; LLM perplexity vs untrained and unigram)"
 python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \

@@ -24,6 +24,8 @@ TREE = dict(SMALL, num_shared=40, images_per_subject=150, sessions=3)
 TEST_VAE_STEPS = 150
 # Enough CLIP steps for held-out top-1 of 0.10-0.20 both ways over seeds 0-5 (~5 s of the build).
 TEST_CLIP_STEPS = 200
+# Enough LLM steps for held-out caption perplexity far below the untrained model's and a unigram model's (~3 s).
+TEST_LLM_STEPS = 60
 FOLDERS = ("blip2", "detr", "clip_vision", "clip_text", "vae", "unclip", "llm")
 
 
@@ -41,7 +43,7 @@ def tree(tmp_path_factory) -> NsdTree:
 
 def _args(tree: NsdTree, out: Path, *flags: str) -> list[str]:
     return ["--out", str(out), "--nsd-root", str(tree.root), "--vae-steps", str(TEST_VAE_STEPS),
-            "--clip-steps", str(TEST_CLIP_STEPS), "--quiet", *flags]  # fmt: skip
+            "--clip-steps", str(TEST_CLIP_STEPS), "--llm-steps", str(TEST_LLM_STEPS), "--quiet", *flags]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +73,15 @@ def test_writes_every_folder_and_a_manifest(built, manifest):
         assert entry["class"], name
         assert entry.get("parameters", entry.get("unet_parameters", 0)) > 0, name
     run = json.loads((built / "run.json").read_text())
-    assert run["settings"]["vae_steps"] == TEST_VAE_STEPS and run["settings"]["clip_steps"] == TEST_CLIP_STEPS
-    assert set(run["inputs"]) == {"stimuli", "stim_info", "captions", "instances"}
+    settings = run["settings"]
+    assert (settings["vae_steps"], settings["clip_steps"], settings["llm_steps"]) == (
+        TEST_VAE_STEPS, TEST_CLIP_STEPS, TEST_LLM_STEPS)  # fmt: skip
+    assert set(run["inputs"]) == {"stimuli", "stim_info", "captions", "instances", "instructions"}
+    # The prompt lists the LLM's conversations are worded with: data/instructions/ (3) and the detail questions.
+    assert len(run["inputs"]["instructions"]) == 4 and all("sha256" in f for f in run["inputs"]["instructions"])
     # Timings live in run.json only, so tiny_models.json is the same in every run with the same settings.
-    assert {"clip_train", "vae_train", "total"} <= set(run["timings"]) and "seconds" not in json.dumps(manifest)
+    assert {"clip_train", "vae_train", "llm_corpus", "llm_train", "total"} <= set(run["timings"])
+    assert "seconds" not in json.dumps(manifest)
     assert run["torch_threads"] == torch.get_num_threads()  # runtime.limit_threads() ran first
 
 
@@ -84,9 +91,10 @@ def test_rerun_with_the_same_settings_skips(script, tree, built, caplog):
         assert script.main(_args(tree, built)) == 0
     assert {p: p.stat().st_mtime_ns for p in built.rglob("*")} == before
     assert "CLIP on 40 held-out shared1000 images" in caplog.text  # the stored scores are repeated
+    assert "LLM perplexity on the texts of 40 held-out shared1000 images" in caplog.text
 
 
-@pytest.mark.parametrize("flags", [("--seed", "1"), ("--clip-steps", "1")])
+@pytest.mark.parametrize("flags", [("--seed", "1"), ("--clip-steps", "1"), ("--llm-steps", "1")])
 def test_other_settings_need_overwrite(script, tree, built, capsys, flags):
     assert script.main(_args(tree, built, *flags)) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -98,16 +106,16 @@ def test_overwrite_rebuilds_atomically(script, small_tree, tmp_path):
     (out / "stale.txt").write_text("left by an interrupted run")
     assert script.main(_args(small_tree, out)) == 2  # not a finished folder: refuse to touch it
     assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), "--vae-steps", "1", "--clip-steps",
-                        "1", "--quiet", "--overwrite"]) == 0  # fmt: skip
+                        "1", "--llm-steps", "1", "--quiet", "--overwrite"]) == 0  # fmt: skip
     assert not (out / "stale.txt").exists() and (out / "tiny_models.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
 
-def test_clip_steps_0_keeps_the_random_clip(script, small_tree, tmp_path):
-    from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+def test_steps_0_keep_the_random_clip_and_llm(script, small_tree, tmp_path):
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection, LlamaForCausalLM
 
     out = tmp_path / "models"
-    flags = ["--vae-steps", "1", "--clip-steps", "0", "--quiet"]
+    flags = ["--vae-steps", "1", "--clip-steps", "0", "--llm-steps", "0", "--quiet"]
     assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), *flags]) == 0
     report = json.loads((out / "tiny_models.json").read_text())["clip_training"]
     assert report["steps"] == 0 and "seconds" not in report and report["chance"] == pytest.approx(1 / 12, abs=1e-4)
@@ -117,6 +125,12 @@ def test_clip_steps_0_keeps_the_random_clip(script, small_tree, tmp_path):
         fresh, saved = untrained[folder], cls.from_pretrained(out / folder)
         for key, value in fresh.state_dict().items():
             assert torch.equal(saved.state_dict()[key], value), key
+    llm = json.loads((out / "tiny_models.json").read_text())["llm_training"]
+    assert llm["steps"] == 0 and "final_loss" not in llm and llm["perplexity"] == llm["untrained_perplexity"]
+    fresh = tiny.build_llm(tokenizer=AutoTokenizer.from_pretrained(out / "llm"), seed=0)
+    saved = LlamaForCausalLM.from_pretrained(out / "llm").state_dict()
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(saved[key], value), key
 
 
 def test_missing_nsd_input_exits_2(script, tmp_path, capsys):
@@ -244,9 +258,15 @@ def test_llm_chat_template_marks_assistant_tokens(built):
         {"role": "assistant", "content": "A red circle."},
     ]
     out = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
-    answer = [t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m]
-    assert tokenizer.decode(answer) == "A red circle.</s>"
-    assert "USER: <image>\nWhat is there? ASSISTANT: A red circle.</s>" in tokenizer.decode(out["input_ids"])
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    answer = [t for t, m in zip(ids, mask, strict=True) if m]
+    # Byte-level BPE joins a word to the space before it, so the answer's first token is " A": the space the
+    # template writes after "ASSISTANT:" is learned with it, which is what generation needs, as its prompt ends
+    # at "ASSISTANT:". The unmasked prefix is exactly the generation prompt's tokens.
+    assert tokenizer.decode(answer) == " A red circle.</s>" and mask[-len(answer) :] == [1] * len(answer)
+    prompt = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids[: len(ids) - len(answer)] == prompt
+    assert "USER: <image>\nWhat is there? ASSISTANT: A red circle.</s>" in tokenizer.decode(ids)
 
 
 def test_llm_tokenizer_round_trips_and_keeps_image_whole(built, manifest):
@@ -306,6 +326,39 @@ def test_clip_learns_to_match_held_out_images_and_captions(script, tree, built, 
         [captions[i] for i in heldout],
     )
     assert scores == pytest.approx({k: report[k] for k in scores}, abs=1e-4)
+
+
+def test_llm_is_a_language_model_of_the_held_out_texts(script, tree, built, manifest):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report = manifest["llm_training"]
+    assert report["steps"] == TEST_LLM_STEPS and (report["train_images"], report["heldout_images"]) == (220, 40)
+    assert report["heldout_documents"]["captions"] == 5 * 40  # mini-NSD: 5 COCO captions per image
+    assert report["train_documents"]["conversations"] >= 5 * 220  # >= 5 instruction types per image
+    for kind in ("captions", "conversations"):
+        trained, untrained = report["perplexity"][kind], report["untrained_perplexity"][kind]
+        # An untrained model is about as good as uniform over the vocabulary; a unigram model knows word
+        # frequencies; the trained one must have learned the texts' structure, not only their words.
+        assert untrained > 0.5 * manifest["models"]["llm"]["vocab_size"], report
+        assert trained < 0.5 * untrained and trained < 0.5 * report["unigram_perplexity"][kind], report
+    # Held out: every test (shared1000) image's text, none of the training images'.
+    plan = script.plan_inputs(tree, script.build_parser().parse_args(_args(tree, built)))
+    from llava_brain.nsd import StimInfo
+
+    shared = StimInfo.load(tree.stim_info).shared1000
+    assert all(shared[c.nsd_id] for c in plan.llm_heldout) and not any(shared[c.nsd_id] for c in plan.llm_train)
+    # The saved folder holds the trained model: transformers' own loss on the held-out captions gives the
+    # manifest's perplexity.
+    tokenizer = AutoTokenizer.from_pretrained(built / "llm")
+    model = AutoModelForCausalLM.from_pretrained(built / "llm").eval()
+    total = count = 0
+    with torch.no_grad():
+        for caption in (c for ctx in plan.llm_heldout for c in ctx.captions):
+            ids = torch.tensor([[*tokenizer(caption).input_ids, tokenizer.eos_token_id]])
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert count == report["heldout_tokens"]["captions"]
+    assert np.exp(total / count) == pytest.approx(report["perplexity"]["captions"], rel=1e-3)
 
 
 def test_built_weights_are_identical_for_the_same_seed(built):

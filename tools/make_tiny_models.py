@@ -9,11 +9,15 @@ Stages load them with `from_pretrained(<out>/<name>)` exactly as they load real 
                 pairs (shared1000 images held out)
   vae/          AutoencoderKL, trained briefly on the tree's stimuli (shared1000 images held out)
   unclip/       StableUnCLIPImg2ImgPipeline built from clip_vision/, clip_text/'s tower and vae/
-  llm/          LlamaForCausalLM + byte-level BPE tokenizer trained on the tree's COCO captions
-                (+ instruction sentences), with `<image>` and LLaVA v1's chat template
-  tiny_models.json (what each folder holds, parameter counts, CLIP held-out retrieval, VAE PixCorr)
+  llm/          LlamaForCausalLM pretrained briefly (next-token prediction) on the tree's text: its COCO
+                captions and, rendered through LLaVA v1's chat template, one conversation per image and
+                instruction type built from its captions and boxes with the instruction data's own
+                wording (shared1000 images held out); a byte-level BPE tokenizer trained on the same
+                text (+ instruction sentences), with `<image>` and the chat template
+  tiny_models.json (what each folder holds, parameter counts, CLIP held-out retrieval, VAE PixCorr,
+                the LLM's held-out perplexity beside the untrained one's and a unigram model's)
   and run.json (settings, input fingerprints, timings, torch threads: `io.StageRun`).
-Weights are random except the CLIP towers' and the VAE's. Built under a hidden `.<name>.partial`
+Weights are random except the CLIP towers', the VAE's and the LLM's. Built under a hidden `.<name>.partial`
 sibling swapped in whole, so a rerun after a kill starts over and writes the same files. A rerun with
 the same settings and NSD inputs does nothing; other ones are refused without --overwrite. The CLIP
 vocabulary comes from the open-clip-torch wheel (read, not imported).
@@ -21,10 +25,12 @@ Same settings, inputs, CPU type and torch thread count (the CPU quota or OMP_NUM
 give identical files. Another thread count sums floats in another order, so the weights differ in their
 last bits (on mini-NSD, 1 and 2 threads gave the same scores to 4 decimals).
 
-  python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, ~80 s
-  python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40 --clip-steps 40
-On real NSD (COCO's varied captions fill the 4096-token vocabulary; CLIP and the VAE each see 2048
-NSD images):
+  python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, 2-4 min
+  python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40 --clip-steps 40 \
+      --llm-steps 40
+On 2 CPU cores the VAE takes 85-220 s of the default build (the machine's load), CLIP ~30 s, the LLM ~13 s.
+On real NSD (COCO's varied captions fill the 4096-token vocabulary; CLIP, the VAE and the LLM each learn
+from 2048 NSD images; the LLM is scored on all 1000 shared1000 images' texts):
   python tools/make_tiny_models.py --out /data/tiny_models --nsd-root /data/nsd
 """
 
@@ -41,13 +47,15 @@ import numpy as np
 
 from llava_brain import cli, runtime
 from llava_brain.errors import BadInputError, exits_on_bad_input
+from llava_brain.instructions import TEMPLATE_MODEL
 from llava_brain.io import StageRun, manifest_of, read_json, recover_staged, require_writable, staged_folder, write_json
 from llava_brain.layout import NsdTree
 
 log = logging.getLogger("make_tiny_models")
 MANIFEST = "tiny_models.json"
 # Bump when the builders change what they write, so that an old folder is not taken as up to date.
-FORMAT_VERSION = 3  # 2: trained CLIP towers; 3: the shared warm-up + cosine schedule, run.json via StageRun
+# 2: trained CLIP towers; 3: the shared warm-up + cosine schedule, run.json via StageRun; 4: pretrained LLM
+FORMAT_VERSION = 4
 COCO_SPLITS = ("train2017", "val2017")
 HELDOUT_IMAGES = 64  # shared1000 images whose reconstructions the VAE is scored on
 CLIP_HELDOUT_IMAGES = 1000  # shared1000 images CLIP retrieval is scored on: all of them (mini-NSD: 100)
@@ -68,14 +76,14 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_overwrite(p, "rebuild even if --out holds a complete set (made with other settings or inputs)")
     # Models
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of every random initialisation and of CLIP and VAE training"
+        "--seed", type=int, default=0, help="seed of every random initialisation and of CLIP, VAE and LLM training"
     )
     p.add_argument(
         "--image-size", type=int, default=64,
         help="pixels (square) of the VAE's training images and of unCLIP's output; latents are size/4 a side",
     )  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=4096, help="largest LLM/BLIP-2 BPE vocabulary (the corpus may "
-                   "support fewer: mini-NSD's templated captions give ~600)")  # fmt: skip
+                   "support fewer: mini-NSD's templated text gives ~1000)")  # fmt: skip
     # CLIP training
     p.add_argument(
         "--clip-steps", type=int, default=1000,
@@ -89,11 +97,22 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # VAE training
     p.add_argument(
         "--vae-steps", type=int, default=500,
-        help="VAE optimisation steps (default 500: ~40-60 s on 2 CPU cores; 0 = leave it untrained)",
+        help="VAE optimisation steps (default 500: 85-220 s on 2 CPU cores; 0 = leave it untrained)",
     )  # fmt: skip
     p.add_argument(
         "--vae-images", type=int, default=2048,
         help="most training images, spread evenly over the non-shared nsdIds (mini-NSD has 1600)",
+    )  # fmt: skip
+    # LLM pretraining
+    p.add_argument(
+        "--llm-steps", type=int, default=200,
+        help="LLM pretraining steps, batches of 16 windows of 128 tokens (default 200: 7-10 s on 2 CPU cores; "
+        "0 = leave it random)",
+    )  # fmt: skip
+    p.add_argument(
+        "--llm-images", type=int, default=2048,
+        help="most images whose captions and conversations the LLM and its tokenizer learn from, spread evenly "
+        "over the non-shared nsdIds (mini-NSD has 1600); held-out perplexity is on every shared1000 image",
     )  # fmt: skip
     cli.add_quiet(p)
     return p
@@ -110,16 +129,27 @@ def _settings(args) -> dict:
         "clip_images": args.clip_images,
         "vae_steps": args.vae_steps,
         "vae_images": args.vae_images,
+        "llm_steps": args.llm_steps,
+        "llm_images": args.llm_images,
+        "conversations": TEMPLATE_MODEL,  # the template backend's version: its wording is in the LLM's corpus
     }
 
 
 def _inputs(tree: NsdTree) -> dict:
-    """The NSD files the build reads (a caption or instances file of a split the tree lacks counts as missing)."""
+    """The files the build reads (a caption or instances file of a split the tree lacks counts as missing):
+    the NSD tree's, and the prompt lists whose wording the LLM's conversations use."""
+    from llava_brain.instructions.prompts import DETAIL_QUESTIONS_FILE, PROMPTS_DIR
+    from llava_brain.sft import BUILT_TYPES, INSTRUCTIONS_DIR
+
     return {
         "stimuli": tree.stimuli,
         "stim_info": tree.stim_info,
         "captions": [tree.coco_annotations("captions", split) for split in COCO_SPLITS],
         "instances": [tree.coco_annotations("instances", split) for split in COCO_SPLITS],
+        "instructions": [
+            *(INSTRUCTIONS_DIR / f"{name}.txt" for name in BUILT_TYPES),
+            PROMPTS_DIR / DETAIL_QUESTIONS_FILE,
+        ],
     }
 
 
@@ -138,18 +168,25 @@ def _read_captions(tree: NsdTree) -> dict[int, list[str]]:
     return captions
 
 
-def _read_categories(tree: NsdTree) -> list[str]:
-    """Names of COCO category ids 1..max; ids COCO skips (real COCO: 12, 26, ...) are "N/A" as in DETR."""
+def _read_instances(tree: NsdTree) -> dict:
+    """COCO split -> its instances file (`CocoAnnotations`), for every split of COCO_SPLITS present (>= 1)."""
     from llava_brain.nsd import CocoAnnotations
 
-    for split in COCO_SPLITS:
-        path = tree.coco_annotations("instances", split)
-        if path.is_file():
-            categories = CocoAnnotations.load(path, "instances").categories
-            if not categories or min(categories) < 1:
-                raise BadInputError(path, f"expected categories with ids 1, 2, ...; found ids {sorted(categories)}")
-            return [categories.get(i, "N/A") for i in range(1, max(categories) + 1)]
-    raise BadInputError(tree.coco_annotations("instances", COCO_SPLITS[0]), "missing; expected COCO instances")
+    paths = {split: tree.coco_annotations("instances", split) for split in COCO_SPLITS}
+    found = {split: CocoAnnotations.load(path, "instances") for split, path in paths.items() if path.is_file()}
+    if not found:
+        raise BadInputError(paths[COCO_SPLITS[0]], "missing; expected COCO instances")
+    return found
+
+
+def _categories(instances: dict) -> list[str]:
+    """Names of COCO category ids 1..max of the first instances file; ids COCO skips (real COCO: 12, 26, ...)
+    are "N/A" as in DETR."""
+    first = next(iter(instances.values()))
+    categories = first.categories
+    if not categories or min(categories) < 1:
+        raise BadInputError(first.path, f"expected categories with ids 1, 2, ...; found ids {sorted(categories)}")
+    return [categories.get(i, "N/A") for i in range(1, max(categories) + 1)]
 
 
 def _read_stimuli(tree: NsdTree, nsd_ids, size: int) -> np.ndarray:
@@ -199,27 +236,35 @@ def _clip_split(tree: NsdTree, captions: dict[int, list[str]], max_train: int):
 class Plan(NamedTuple):
     """Everything read from the NSD tree before any model is built (so bad input fails before the work)."""
 
-    captions: dict[int, list[str]]  # COCO image id -> captions
     categories: list[str]  # names of COCO category ids 1..N
     vae_train: np.ndarray  # nsdIds
     vae_heldout: np.ndarray
     clip_train: np.ndarray
     clip_heldout: np.ndarray
     captions_by_nsd_id: dict[int, list[str]]
+    llm_train: list  # ImageContext of each LLM training image (non-shared1000 nsdIds with captions)
+    llm_heldout: list  # ImageContext of each shared1000 image with captions (the test images)
 
 
 def plan_inputs(tree: NsdTree, args) -> Plan:
-    """Read captions, categories and the stimulus design; check the stimulus brick holds every image needed."""
-    from llava_brain.nsd import NsdStimuli
+    """Read captions, instances and the stimulus design (the LLM's image contexts); check the stimulus brick
+    holds every image needed."""
+    from llava_brain import tiny
+    from llava_brain.nsd import NsdStimuli, StimInfo
 
     captions = _read_captions(tree)
-    categories = _read_categories(tree)
+    instances = _read_instances(tree)
     vae_train, vae_heldout = _vae_split(tree, args.vae_images)
     clip_train, clip_heldout, by_nsd_id = _clip_split(tree, captions, args.clip_images)
+    # The LLM's text is split as CLIP's images: the same shared1000 images held out (all of them).
+    llm_train, llm_heldout, _ = _clip_split(tree, captions, args.llm_images)
+    info = StimInfo.load(tree.stim_info)
+    contexts = [tiny.tree_contexts(info, ids, by_nsd_id, instances) for ids in (llm_train, llm_heldout)]
     last = int(np.concatenate([vae_train, vae_heldout, clip_train, clip_heldout]).max())
     with NsdStimuli(tree.stimuli) as stimuli:
         stimuli.require_images(last, tree.stim_info)
-    return Plan(captions, categories, vae_train, vae_heldout, clip_train, clip_heldout, by_nsd_id)
+    return Plan(_categories(instances), vae_train, vae_heldout, clip_train, clip_heldout, by_nsd_id,
+                *contexts)  # fmt: skip
 
 
 def _describe(model, **extra) -> dict:
@@ -271,7 +316,7 @@ def _train_clip(tree: NsdTree, args, plan: Plan, vision, processor, text, tokeni
     return report
 
 
-def _log_scores(clip: dict, vae: dict, timings: dict) -> None:
+def _log_scores(clip: dict, vae: dict, llm: dict, timings: dict) -> None:
     def took(report: dict, key: str) -> str:
         return f" ({report['steps']} steps, {timings[key]:.0f} s)" if key in timings else ""
 
@@ -284,6 +329,22 @@ def _log_scores(clip: dict, vae: dict, timings: dict) -> None:
         "VAE PixCorr on %d held-out shared1000 images: reconstructions %.3f, shuffled pairs %.3f%s",
         vae["heldout_images"], vae["pixcorr"], vae["shuffled_pixcorr"], took(vae, "vae_train"),
     )  # fmt: skip
+    trained, untrained, unigram = llm["perplexity"], llm["untrained_perplexity"], llm["unigram_perplexity"]
+    log.info(
+        "LLM perplexity on the texts of %d held-out shared1000 images: captions %.2f (untrained %.0f, unigram %.1f), "
+        "conversations %.2f (untrained %.0f, unigram %.1f)%s",
+        llm["heldout_images"], trained["captions"], untrained["captions"], unigram["captions"],
+        trained["conversations"], untrained["conversations"], unigram["conversations"], took(llm, "llm_train"),
+    )  # fmt: skip
+
+
+def _build_llm(args, plan: Plan, timings: dict) -> tuple:
+    from llava_brain import tiny
+
+    corpus, llm, report = tiny.pretrain_llm(plan.llm_train, plan.llm_heldout, vocab_size=args.vocab_size,
+                                            steps=args.llm_steps, seed=args.seed, progress=not args.quiet)  # fmt: skip
+    timings.update({f"llm_{k}": round(v, 1) for k, v in report.pop("seconds").items()})
+    return corpus, llm, report
 
 
 def build_all(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) -> dict:
@@ -292,16 +353,13 @@ def build_all(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) -> 
     from llava_brain import tiny
 
     models: dict[str, dict] = {}
-    captions = [c for caps in plan.captions.values() for c in caps]
-    bpe = tiny.train_byte_bpe([*captions, *tiny.INSTRUCTION_SENTENCES], vocab_size=args.vocab_size)
-    corpus = {"captions": len(captions), "instruction_sentences": len(tiny.INSTRUCTION_SENTENCES)}
-
-    llm_tokenizer = tiny.build_llm_tokenizer(bpe)
-    llm = tiny.build_llm(tokenizer=llm_tokenizer, seed=args.seed)
+    corpus, llm, llm_report = _build_llm(args, plan, timings)
+    bpe, llm_tokenizer = corpus.bpe, corpus.tokenizer
     llm.save_pretrained(staging / "llm")
     llm_tokenizer.save_pretrained(staging / "llm")
+    texts = {**llm_report["train_documents"], "instruction_sentences": len(tiny.INSTRUCTION_SENTENCES)}
     models["llm"] = _describe(llm, tokenizer=type(llm_tokenizer).__name__, vocab_size=len(llm_tokenizer),
-                              tokenizer_corpus=corpus, chat_template="LLaVA v1 (Vicuna)")  # fmt: skip
+                              tokenizer_corpus=texts, chat_template="LLaVA v1 (Vicuna)")  # fmt: skip
 
     blip2, blip2_processor = tiny.build_blip2(tokenizer=tiny.build_opt_tokenizer(bpe), seed=args.seed)
     blip2.save_pretrained(staging / "blip2")
@@ -336,15 +394,19 @@ def build_all(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) -> 
     models["unclip"] = {"class": type(pipe).__name__,
                         "components": {name: type(c).__name__ for name, c in pipe.components.items()},
                         "unet_parameters": tiny.num_parameters(pipe.unet)}  # fmt: skip
-    return {"models": models, "clip_training": clip_report, "vae_training": vae_report}
+    return {"models": models, "clip_training": clip_report, "vae_training": vae_report, "llm_training": llm_report}
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     # The VAE halves the image for most of its training and downsamples by 4.
     if args.image_size < 16 or args.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
-    if args.vae_steps < 0 or args.vae_images < 1 or args.clip_steps < 0 or args.clip_images < 2:
-        parser.error("--vae-steps and --clip-steps must be >= 0, --vae-images >= 1, --clip-images >= 2")
+    steps, images = (args.vae_steps, args.clip_steps, args.llm_steps), (args.clip_images, args.llm_images)
+    if min(steps) < 0 or args.vae_images < 1 or min(images) < 2:
+        parser.error(
+            "--vae-steps, --clip-steps and --llm-steps must be >= 0, --vae-images >= 1, --clip-images and "
+            "--llm-images >= 2"
+        )
     if args.vocab_size < 300:
         parser.error("--vocab-size must be >= 300 (256 bytes + specials)")
 
@@ -373,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     if not run.needed(args.overwrite, complete=(out / MANIFEST).is_file()):
         log.info("tiny models already complete at %s (same settings and inputs); nothing to do", out)
         manifest = read_json(out / MANIFEST, "the tiny models manifest")
-        _log_scores(manifest["clip_training"], manifest["vae_training"], {})
+        _log_scores(manifest["clip_training"], manifest["vae_training"], manifest["llm_training"], {})
         return 0
     plan = plan_inputs(tree, args)
     if args.quiet:
@@ -386,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(staging / MANIFEST, {"seed": args.seed, **summary})
         timings["total"] = round(time.perf_counter() - started, 1)
         run.finish(args, into=staging, timings=timings, torch_threads=threads)
-    _log_scores(summary["clip_training"], summary["vae_training"], timings)
+    _log_scores(summary["clip_training"], summary["vae_training"], summary["llm_training"], timings)
     log.info("wrote tiny models to %s in %.1f s: %s", out, timings["total"], ", ".join(summary["models"]))
     return 0
 
