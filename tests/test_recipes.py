@@ -1,4 +1,5 @@
-"""Every `python <script>.py --flags` line of scripts/**/*.sh parses with that script's own parser."""
+"""Every `python <script>.py --flags` or `... -m <package> --flags` line of scripts/**/*.sh parses with that
+script's own parser (a package's is its `__main__.py`'s `build_parser`)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ SHELL_SCRIPTS = sorted((REPO / "scripts").rglob("*.sh"))
 
 
 def _commands(script: Path) -> list[tuple[str, list[str]]]:
-    """(script, flags) of every stage call: `python x.py ...`, `accelerate launch ... x.py ...` or
-    `"${LAUNCH[@]}" x.py ...` (a launcher kept in a bash array)."""
+    """(script, flags) of every stage call: `python x.py ...`, `accelerate launch ... x.py ...`,
+    `"${LAUNCH[@]}" x.py ...` (a launcher kept in a bash array), or a module run as `python -m pkg ...`,
+    `torchrun ... -m pkg ...`, `accelerate launch ... -m pkg ...` (mapped to pkg/__main__.py or pkg.py)."""
     text = script.read_text().replace("\\\n", " ")  # join continuation lines
     text = re.sub(r"\$\{\w+\[@\]\}", "python", text)  # "${LAUNCH[@]}" -> the plain launcher
     # Shell variables take the value the recipe gives them (`X=${X:-default}`, `X=value`, the first
@@ -33,7 +35,13 @@ def _commands(script: Path) -> list[tuple[str, list[str]]]:
         words = shlex.split(line, comments=True)
         # A redirection ("> /dev/null", "2>&1") ends the command's own words.
         words = words[: next((i for i, w in enumerate(words) if re.fullmatch(r"\d?>>?(&\d)?|<", w)), len(words))]
-        if not words or words[0] not in ("python", "python3", "accelerate"):
+        if not words or words[0] not in ("python", "python3", "accelerate", "torchrun"):
+            continue
+        module = next((i + 1 for i, w in enumerate(words[:-1]) if w in ("-m", "--module")), None)
+        if module is not None:
+            package = words[module].replace(".", "/")
+            target = f"{package}/__main__.py" if (REPO / package).is_dir() else f"{package}.py"
+            found.append((target, words[module + 1 :]))
             continue
         stage = next((i for i, w in enumerate(words) if re.fullmatch(r"[\w./-]+\.py", w)), None)
         if stage is not None:

