@@ -104,13 +104,19 @@ def test_rerun_keeps_current_and_refuses_other_settings(script, world, tmp_path,
     assert script.main(_argv(world, out, "--kinds", "avg", "--seed", "3", "--overwrite")) == 0
 
 
-def test_missing_latents_are_one_line_and_nothing_is_written(script, world, tmp_path, capsys):
+def _without_latents(world, tmp_path):
+    """(run, folder): a copy of the avg prediction folder without its vae.npy."""
     run = tmp_path / "preds"
     folder = run / "subj01_avg"
     folder.mkdir(parents=True)
     source = world["layout"].predictions("enc", 1, "avg")
     for name in ("clip.npy", "index.json"):
         (folder / name).write_bytes((source / name).read_bytes())
+    return run, folder
+
+
+def test_missing_latents_are_one_line_and_nothing_is_written(script, world, tmp_path, capsys):
+    run, folder = _without_latents(world, tmp_path)
     argv = _argv(world, tmp_path / "out")
     argv[argv.index("--predictions") + 1] = str(run)
     assert script.main(argv) == 2
@@ -120,12 +126,7 @@ def test_missing_latents_are_one_line_and_nothing_is_written(script, world, tmp_
 
 
 def test_latents_of_another_vae_are_refused(script, world, tmp_path, capsys):
-    run = tmp_path / "preds"
-    folder = run / "subj01_avg"
-    folder.mkdir(parents=True)
-    source = world["layout"].predictions("enc", 1, "avg")
-    for name in ("clip.npy", "index.json"):
-        (folder / name).write_bytes((source / name).read_bytes())
+    run, folder = _without_latents(world, tmp_path)
     np.save(folder / "vae.npy", np.zeros((4, 3, 8, 8), dtype=np.float32))  # 3 channels; the VAE has 4
     argv = _argv(world, tmp_path / "out")
     argv[argv.index("--predictions") + 1] = str(run)

@@ -24,19 +24,10 @@ tokenizer (`add_image_token`), expanded to the vision tower's token count after 
 from __future__ import annotations
 
 from llava_brain.tiny.tokenizers import CHAT_TEMPLATE as VICUNA_CHAT_TEMPLATE
-from llava_brain.tiny.tokenizers import IMAGE_TOKEN
+from llava_brain.tiny.tokenizers import IMAGE_TOKEN, RENDER_CONTENT
 
-_RENDER = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{ content }}"
-    "{%- else -%}{%- for part in content -%}"
-    "{%- if part['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-)
 LLAMA3_CHAT_TEMPLATE = (
-    _RENDER + "{{ bos_token }}"
+    RENDER_CONTENT + "{{ bos_token }}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{ raise_exception('roles must be system, user or assistant') }}{%- endif -%}"

@@ -26,7 +26,8 @@ VICUNA_SYSTEM = (
 # "<s>{system} USER: {q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:". Content is a string or a list of
 # {"type": "image"} / {"type": "text", "text": ...} parts (an image part becomes "<image>\n", as in LLaVA).
 # Assistant turns sit in {% generation %} so `return_assistant_tokens_mask=True` marks the trained tokens.
-CHAT_TEMPLATE = (
+# The Jinja macro `render(content)` every chat template here starts with (llava_brain/data/chat_templates.py too).
+RENDER_CONTENT = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
@@ -34,7 +35,9 @@ CHAT_TEMPLATE = (
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{{ bos_token }}"
+)
+CHAT_TEMPLATE = (
+    RENDER_CONTENT + "{{ bos_token }}"
     "{%- if messages and messages[0]['role'] == 'system' -%}"
     "{{ render(messages[0]['content']) }}{%- set turns = messages[1:] -%}"
     "{%- else -%}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + "' }}{%- set turns = messages -%}{%- endif -%}"
