@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from llava_brain import tiny
-from llava_brain.annotations import write_captions
+from llava_brain.annotations import write_captions, write_instances
 from llava_brain.evaluation import captions as cap
 from llava_brain.layout import DatasetRoot
 
@@ -32,6 +32,9 @@ REFS = {10: ["A brown dog runs across the grass.", "A dog playing in a green fie
         12: ["A slice of pizza on a white plate.", "Pizza served on a plate."],
         13: ["A small boat on a calm lake.", "A rowing boat floats on the water."],
         1: ["A red bus."], 2: ["A tall tree."], 3: ["A kite."]}  # fmt: skip
+# COCO-style objects of the test images (object_hit): every text of LINES names its own image's object.
+CATEGORIES = {1: "dog", 2: "cat", 3: "pizza", 4: "boat", 5: "plate"}
+OBJECTS = {10: [1], 11: [2], 12: [3, 5], 13: [4]}
 COLOURS = {10: (200, 120, 40), 11: (90, 90, 90), 12: (230, 200, 60), 13: (40, 90, 200)}
 # (sample, nsdId, text): subj01 test rows 0..5 show 10, 11, 12, 10, 11, 12; subj02 rows 0..3 show 10, 11, 13, 13.
 LINES = [("subj01/te/0+3", 10, "A brown dog runs on the grass."), ("subj01/te/1+4", 11, "A cat sleeping on the sofa."),
@@ -51,6 +54,8 @@ def write_root(root: Path) -> DatasetRoot:
         layout.fmri2image(subject).write_text(json.dumps(mapping))
     write_captions(layout.coco_captions, REFS, {"source": "hand-made"})
     write_captions(layout.captions, {k: [f"blip caption {w}" for w in v[0].split()[:2]] for k, v in REFS.items()}, {})
+    boxes = {n: [{"category_id": c, "box": [1, 1, 9, 9], "iscrowd": 0} for c in ids] for n, ids in OBJECTS.items()}
+    write_instances(layout.coco_instances, boxes, CATEGORIES, {"source": "hand-made"})
     layout.images_dir.mkdir(parents=True)
     for nsd_id, colour in COLOURS.items():
         pixels = np.zeros((40, 40, 3), np.uint8) + np.array(colour, np.uint8)
@@ -162,6 +167,27 @@ def test_mean_is_over_subjects_and_shuffled_is_lower(full_run):
     assert shuffled["mean"]["clip_s"] != result["mean"]["clip_s"]  # other images: a different CLIP-S
 
 
+def test_object_hit_counts_texts_naming_an_annotated_object(full_run):
+    _, _, result = full_run
+    # Every text names its own image's object; the shuffled control pairs each with another image's objects.
+    assert result["mean"]["object_hit"] == 1.0
+    subj01 = [(n, t) for s, n, t in LINES if s.startswith("subj01")]
+    shuffled = cap.shuffled_images([n for n, _ in subj01], seed=0)
+    categories = list(CATEGORIES.values())
+    expected = np.mean([bool(cap.named_categories(t, categories) & {CATEGORIES[c] for c in OBJECTS[other]})
+                        for (_, t), other in zip(subj01, shuffled, strict=True)])  # fmt: skip
+    assert result["shuffled"]["per_subject"]["subj01"]["object_hit"] == pytest.approx(expected) == 0.0
+
+
+def test_named_categories_takes_whole_words_and_plurals():
+    names = ["circle", "cross", "ring"]
+    assert cap.named_categories("Two Circles and a ring.", names) == {"circle", "ring"}
+    assert cap.named_categories("An encircled crossing, earrings.", names) == set()
+    assert cap.object_hit(["a cross", "a circle"], [{"cross"}, {"ring"}], names) == 0.5
+    with pytest.raises(ValueError, match="as many object sets as texts"):
+        cap.object_hit(["a cross"], [], names)
+
+
 def test_spice_unavailable_with_its_reason_and_exit_0(full_run, setup):
     code, stdout, result = full_run
     assert code == 0
@@ -228,7 +254,7 @@ def test_table_shows_subjects_mean_and_shuffled_on_the_paper_scale(full_run):
     rows = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}
     assert {"subj01", "subj02", "mean", "shuffled (seed 0)"} <= set(rows)
     header = [c.strip() for c in stdout.splitlines()[1].split("|")[1:-1]]
-    assert header[:3] == ["", "n", "BLEU-1"] and header[-1] == "MiniLM sim"
+    assert header[:3] == ["", "n", "BLEU-1"] and header[-2:] == ["MiniLM sim", "Objects named"]
     cells = [c.strip() for c in rows["mean"].split("|")[1:-1]]
     assert cells[1] == "6" and cells[2] == f"{100 * result['mean']['bleu1']:.2f}"
     assert cells[header.index("SPICE")] == "n/a"

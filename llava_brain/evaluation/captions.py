@@ -18,6 +18,11 @@ nothing is downloaded. CLIP-S, RefCLIP-S and the sentence similarity: `caption_m
 Values are the metrics' own units ("raw": BLEU/METEOR/ROUGE-L/SPICE in 0..1, CIDEr 0..10, CLIP-S 0..2.5);
 tables show them x `PAPER_SCALE` (100), the scale of the paper's Table 1.
 
+Objects named (`object_hit`): the share of texts that name at least one object category annotated in the
+image (`DatasetRoot.coco_instances`, COCO instances), a category counted when its name appears as a word or
+with a plural "s" ("circle", "circles"). On mini-NSD it asks whether a caption names a shape that is there; on
+real NSD it counts COCO category names only (a "man" is not a "person"), a lower bound of what a reader sees.
+
 Shuffled control: each subject's texts scored against the references (and images) of other images, by a
 seeded derangement of the subject's distinct images (`shuffled_images`).
 """
@@ -29,6 +34,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,14 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_brain.annotations import read_captions
+from llava_brain.annotations import load_instances, read_captions
 from llava_brain.errors import BadInputError
 from llava_brain.evaluation.controls import derangement
 from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.subjects import SampleIndex, parse_sample_reference, prepared_subjects, sample_index
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice", "clip_s", "refclip_s",
-           "sentence_sim")  # fmt: skip
+           "sentence_sim", "object_hit")  # fmt: skip
 COCO_METRICS = METRICS[:8]  # pycocoevalcap, on PTB-tokenized text
 CLIP_METRICS = ("clip_s", "refclip_s")
 PAPER_SCALE = 100.0  # tables show every metric x100, as the paper's Table 1 (CLIP-S 65.49 = 0.6549)
@@ -151,6 +157,32 @@ def read_references(path: Path, needed: dict[int, str]) -> dict[int, list[str]]:
         if not captions.get(nsd_id):
             raise BadInputError(path, f"has no reference captions for nsdId {nsd_id} (sample {sample})")
     return {nsd_id: captions[nsd_id] for nsd_id in needed}
+
+
+def read_objects(path: Path, needed: dict[int, str]) -> tuple[list[str], dict[int, set[str]]]:
+    """(category names, {nsdId: names of the categories annotated in it}) for the images in `needed`.
+
+    An image without an entry has no annotated object (COCO leaves such images out); the file must exist.
+    """
+    instances = load_instances(path)
+    present = {n: {obj["category"] for obj in instances.images.get(n, [])} for n in needed}
+    return sorted(instances.categories.values()), present
+
+
+def named_categories(text: str, categories: Sequence[str]) -> set[str]:
+    """The category names `text` mentions as whole words, singular or with a plural "s" (case-insensitive)."""
+    found = set()
+    for name in categories:
+        if re.search(rf"\b{re.escape(name.lower())}s?\b", text.lower()):
+            found.add(name)
+    return found
+
+
+def object_hit(texts: Sequence[str], present: Sequence[set[str]], categories: Sequence[str]) -> float:
+    """Share of texts[i] naming at least one category in present[i] (the `object_hit` metric, 0..1)."""
+    if len(texts) != len(present) or not texts:
+        raise ValueError(f"need as many object sets as texts (>= 1), got {len(present)} and {len(texts)}")
+    return float(np.mean([bool(named_categories(t, categories) & p) for t, p in zip(texts, present, strict=True)]))
 
 
 # PTB tokenization and the pycocoevalcap scorers -----------------------------------------------------
@@ -310,6 +342,6 @@ def task_results(data: dict) -> dict[str, dict]:
 
 
 __all__ = ["CLIP_METRICS", "COCO_METRICS", "METRICS", "PAPER_SCALE", "REFERENCE_SETS", "UNAVAILABLE",
-           "CocoScorers", "Generated", "by_task", "java_unavailable_reason", "mean_over_subjects", "ptb_tokenize",
-           "read_generated", "read_references", "references_file", "shuffled_images", "spice_lib",
-           "spice_unavailable_reason", "task_results"]  # fmt: skip
+           "CocoScorers", "Generated", "by_task", "java_unavailable_reason", "mean_over_subjects", "named_categories",
+           "object_hit", "ptb_tokenize", "read_generated", "read_objects", "read_references", "references_file",
+           "shuffled_images", "spice_lib", "spice_unavailable_reason", "task_results"]  # fmt: skip

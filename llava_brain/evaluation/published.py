@@ -40,7 +40,7 @@ TABLE1 = (
     Column("meteor", "METEOR", True, True, 2), Column("rouge_l", "ROUGE-L", True, True, 2),
     Column("cider", "CIDEr", True, True, 2), Column("spice", "SPICE", True, True, 2),
     Column("clip_s", "CLIP-S", True, True, 2), Column("refclip_s", "RefCLIP-S", True, True, 2),
-    Column("sentence_sim", "MiniLM sim", True, True, 2),
+    Column("sentence_sim", "MiniLM sim", True, True, 2), Column("object_hit", "Objects named", True, True, 1),
 )  # fmt: skip
 # Table 2: reconstruction.
 TABLE2 = (

@@ -10,6 +10,8 @@
   clip_s, refclip_s                             CLIPScore: 2.5*max(cos(image, "A photo depicts " + text), 0),
                                                 and its harmonic mean with the best reference cosine
   sentence_sim                                  all-MiniLM-L6-v2 cosine with the closest reference
+  object_hit                                    share of texts naming an object category annotated in the
+                                                image (nsd/nsd_coco_instances.json; "circle" or "circles")
 Each task gets one table: a row per subject, the mean over subjects, and the shuffled control (every text
 scored against the references and image of another image, a seeded derangement of each subject's
 images: the chance level). Tables print values x100 (the paper's scale); the --json file keeps the raw
@@ -49,7 +51,7 @@ from llava_brain.layout import DatasetRoot, subject_name
 
 TITLES = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
           "rouge_l": "ROUGE-L", "cider": "CIDEr", "spice": "SPICE", "clip_s": "CLIP-S", "refclip_s": "RefCLIP-S",
-          "sentence_sim": "MiniLM sim"}  # fmt: skip
+          "sentence_sim": "MiniLM sim", "object_hit": "Objects named"}  # fmt: skip
 SCALE_NOTE = ("raw metric units: BLEU, METEOR, ROUGE-L, SPICE 0..1, CIDEr 0..10, CLIP-S 0..2.5, RefCLIP-S 0..1.43 "
               "(harmonic mean of CLIP-S and a cosine), sentence_sim -1..1 (a cosine); the paper's Table 1 and the "
               "printed tables show them x paper_scale")  # fmt: skip
@@ -113,6 +115,9 @@ def _problems(args, metrics: list[str]) -> dict[str, tuple[Path, str]]:
         reason = cm.sentence_model_problem(args.sentence_model)
         if reason:
             problems["sentence_sim"] = (Path(args.sentence_model or cm.SENTENCE_PACKAGE), reason)
+    instances = DatasetRoot(args.dataset_root).coco_instances
+    if "object_hit" in metrics and not instances.is_file():
+        problems["object_hit"] = (instances, f"needs {instances} (prepare_datasets/make_coco_annotations.py)")
     return problems
 
 
@@ -145,6 +150,9 @@ class Scorer:
             every = sorted(texts | ref_texts)
             encoder = cm.SentenceEncoder(args.sentence_model, device, args.batch_size)
             self.sentence = dict(zip(every, encoder.encode(every), strict=True))
+        self.objects = None  # (category names, {nsdId: annotated categories})
+        if "object_hit" in ok:
+            self.objects = cap.read_objects(layout.coco_instances, {n: str(n) for n in refs})
 
     def score(self, texts: list[str], images: list[int]) -> dict[str, float | str]:
         """Mean scores of texts[i] against the references (and stimulus) of image images[i]."""
@@ -161,6 +169,9 @@ class Scorer:
             ref_embeds = [np.stack([self.sentence[r] for r in rs]) for rs in refs]
             similarity = cm.sentence_similarity(np.stack([self.sentence[t] for t in texts]), ref_embeds)
             out["sentence_sim"] = float(similarity.mean())
+        if self.objects is not None:
+            categories, present = self.objects
+            out["object_hit"] = cap.object_hit(texts, [present[n] for n in images], categories)
         return {m: out.get(m, cap.UNAVAILABLE) for m in self.metrics}
 
 
@@ -214,6 +225,8 @@ def _inputs(args, layout: DatasetRoot, entries: list[cap.Generated], metrics: li
         inputs["images"] = {"stat_sha256": digest.hexdigest()}
     if "sentence_sim" in metrics and args.sentence_model:
         inputs["sentence_model"] = model_files(str(args.sentence_model))
+    if "object_hit" in metrics and layout.coco_instances.is_file():
+        inputs["instances"] = layout.coco_instances
     return inputs
 
 
