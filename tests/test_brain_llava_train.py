@@ -360,3 +360,35 @@ def test_mm_projector_lr_gives_the_projector_its_own_learning_rate(parts):
         if p.requires_grad:
             assert lr_of[id(p)] == (1e-3 if PROJECTOR in name else 2e-5), name
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+# Reruns and record types -------------------------------------------------------------------------
+
+
+def test_a_finished_run_is_skipped_and_other_settings_are_refused(parts, stage1, capsys):
+    same = flags(parts, stage1, "--tune_mm_mlp_adapter", "True", "--learning_rate", "1e-2", "--max_steps", "3")
+    written = (stage1 / "final" / "model.safetensors").stat().st_mtime_ns
+    assert main([*same, "--logging_steps", "7"]) == 0  # a logging flag is not a setting of the result
+    assert "already trained with these settings" in capsys.readouterr().out
+    assert (stage1 / "final" / "model.safetensors").stat().st_mtime_ns == written
+    other = flags(parts, stage1, "--tune_mm_mlp_adapter", "True", "--learning_rate", "1e-3", "--max_steps", "3")
+    assert main(other) == 2
+    line = error_line(capsys)
+    assert "learning_rate=0.01" in line and "--overwrite True" in line
+    assert (stage1 / "final" / "model.safetensors").stat().st_mtime_ns == written
+
+
+def test_data_types_trains_on_those_records_only(parts, tmp_path, capsys):
+    out = tmp_path / "brief"
+    assert main(flags(parts, out, "--tune_mm_mlp_adapter", "True", "--max_steps", "2", "--data_types",
+                      "brief_description")) == 0  # fmt: skip
+    assert json.loads((out / "run.json").read_text())["arguments"]["data_types"] == ["brief_description"]
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "final")
+    processor_config = json.loads((out / "final" / "processor_config.json").read_text())
+    dataset = SftDataset(parts["sft"], parts["root"], tokenizer, grid=processor_config["grid"],
+                         num_image_tokens=processor_config["num_tokens"], max_length=512,
+                         types=["brief_description"])  # fmt: skip
+    assert len(dataset) == 4 and {r["type"] for r in dataset.records} == {"brief_description"}
+    assert main(flags(parts, tmp_path / "none", "--tune_mm_mlp_adapter", "True", "--data_types", "detail")) == 2
+    line = error_line(capsys)
+    assert str(parts["sft"]) in line and "no record of type detail" in line and "brief_description" in line

@@ -144,7 +144,7 @@ class SftDataset(Dataset):
 
     def __init__(self, sft_json_path: str | Path, dataset_root: str | Path | DatasetRoot, tokenizer, *,
                  grid: Sequence[int], num_image_tokens: int, max_length: int,
-                 image_token: str = IMAGE_TOKEN):  # fmt: skip
+                 image_token: str = IMAGE_TOKEN, types: Sequence[str] | None = None):  # fmt: skip
         self.path = Path(sft_json_path)
         self.layout = dataset_root if isinstance(dataset_root, DatasetRoot) else DatasetRoot(dataset_root)
         self.tokenizer, self.image_token = tokenizer, image_token
@@ -155,6 +155,12 @@ class SftDataset(Dataset):
         self.records = read_sft_data(self.path)  # LLaVA format, one <image> in the first human turn, no blank turn
         if not self.records:
             raise BadInputError(self.path, "holds no record; expected LLaVA SFT records (generate_sft_data.py)")
+        if types:  # --data_types: the records of these types only
+            found = sorted({str(r.get("type")) for r in self.records})
+            self.records = [r for r in self.records if r.get("type") in set(types)]
+            if not self.records:
+                raise BadInputError(self.path, f"has no record of type {' or '.join(types)} (types found: "
+                                    f"{', '.join(found)})")  # fmt: skip
         self._split_nsd_ids: dict[tuple[int, str], np.ndarray] = {}
         self._betas: dict[tuple[int, str], np.ndarray] = {}
         self.samples = self._check_records()

@@ -11,16 +11,17 @@ Full scale (8 GPUs, the paper's settings; scripts/brain_llava/pretrain_adapter.s
         --per_device_train_batch_size 4 --learning_rate 1e-3 --num_train_epochs 1 --bf16 True \\
         --gradient_checkpointing True --output_dir $DATASET_ROOT/runs/brain_llava/stage1
     (add --dry_run True to print parameters and memory per GPU without loading any weight)
-Tiny (demo, CPU):
-    python -m llava_brain.train --model_name_or_path demo_out/tiny_models/llm --vision_tower demo_out/runs/vit3d \\
-        --data_path demo_out/root/sft/sft_data_tr.json --dataset_root demo_out/root --tune_mm_mlp_adapter True \\
-        --per_device_train_batch_size 4 --learning_rate 1e-3 --max_steps 20 --use_cpu True --report_to none \\
-        --output_dir /tmp/brain_llava/stage1
+Tiny (demo root, CPU; scripts/demo.sh step 19 runs both stages this way):
+    python -m llava_brain.train --model_name_or_path demo_out/tiny_models/llm --vision_tower demo_out/root/runs/vit3d \\
+        --mm_vision_select_layer -1 --data_path demo_out/root/nsd/sft_data_tr.json --data_types brief_description \\
+        --dataset_root demo_out/root --tune_mm_mlp_adapter True --per_device_train_batch_size 16 \\
+        --learning_rate 3e-3 --max_steps 100 --use_cpu True --report_to none --output_dir /tmp/brain_llava/stage1
 
 Several CPU processes (gloo): `torchrun --nproc_per_node 2 -m llava_brain.train ... --use_cpu True` (or
 `accelerate launch --multi_gpu --num_processes 2 -m llava_brain.train ...` with ACCELERATE_USE_CPU=true).
 Outputs: <output_dir>/checkpoint-*/ (resume a killed run with --resume True), <output_dir>/final/ (the model),
-<output_dir>/adapter/ (LoRA runs) and <output_dir>/run.json. Bad input exits 2 with one line.
+<output_dir>/adapter/ (LoRA runs) and <output_dir>/run.json. A rerun over a finished run with the same settings
+skips (other settings are refused; --overwrite True trains again). Bad input exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -119,6 +120,31 @@ def last_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
     return found
 
 
+# Settings whose change makes a finished --output_dir stale (logging, saving and the like do not).
+RERUN_KEYS = ("learning_rate", "mm_projector_lr", "max_steps", "num_train_epochs", "per_device_train_batch_size",
+              "gradient_accumulation_steps", "weight_decay", "warmup_ratio", "lr_scheduler_type", "seed", "bf16",
+              "fp16", "lora_enable", "lora_r", "lora_alpha", "lora_dropout", "model_max_length")  # fmt: skip
+
+
+def finished_run(model_args, data_args, training_args) -> Path | None:
+    """<output_dir>/final when a finished run there has these settings (a rerun skips it); None when there is none
+    or --overwrite. A finished run with other settings is refused (BadInputError naming the first difference)."""
+    from llava_brain.train import brain_llava_trainer as bt
+
+    out = Path(training_args.output_dir)
+    manifest, final = out / "run.json", out / bt.FINAL / "config.json"
+    if training_args.overwrite or not (manifest.is_file() and final.is_file()):
+        return None
+    stored = json.loads(manifest.read_text()).get("arguments", {})
+    wanted = {**vars(model_args), **vars(data_args)}
+    wanted.update({k: getattr(training_args, k) for k in RERUN_KEYS})
+    for key, value in wanted.items():
+        if key in stored and stored[key] != value and not (key == "warmup_ratio" and stored[key] in (None, 0.0)):
+            raise BadInputError(manifest, f"records a finished run with {key}={stored[key]!r}, not {value!r}; "
+                                          "pass --overwrite True to train again, or another --output_dir")  # fmt: skip
+    return final.parent
+
+
 def train(model_args, data_args, training_args) -> Path:
     import torch
 
@@ -150,7 +176,8 @@ def train(model_args, data_args, training_args) -> Path:
             require_file(path, "an SFT file of generate_sft_data.py (LLaVA JSON records)")
             datasets[name] = SftDataset(path, data_args.dataset_root, processor.tokenizer, grid=processor.grid,
                                         num_image_tokens=processor.num_tokens,
-                                        max_length=training_args.model_max_length)  # fmt: skip
+                                        max_length=training_args.model_max_length,
+                                        types=data_args.data_types)  # fmt: skip
     model = bt.prepare_model(model, model_args, training_args)
     trainer = bt.BrainLlavaTrainer(model=model, args=training_args, train_dataset=datasets["train"],
                                    eval_dataset=datasets.get("eval"),
@@ -189,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         print_dry_run(ns)
         return 0
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args)
+    done = finished_run(model_args, data_args, training_args)
+    if done is not None:
+        print(f"already trained with these settings: {done} (pass --overwrite True to train again)")
+        return 0
     train(model_args, data_args, training_args)
     return 0
 

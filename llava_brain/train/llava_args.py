@@ -68,6 +68,11 @@ class DataArguments:
         default=None, metadata={"help": "prepared dataset root the sample references point into"}
     )
     eval_data_path: str | None = field(default=None, metadata={"help": "optional SFT file scored at --eval_steps"})
+    data_types: list[str] | None = field(
+        default=None,
+        metadata={"help": "train (and evaluate) on the records of these types only, e.g. brief_description "
+                  "(the `type` field generate_sft_data.py writes); default every record"},
+    )  # fmt: skip
 
 
 @dataclass
@@ -84,6 +89,10 @@ class BrainLlavaTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "learning rate of the projector (default: --learning_rate)"}
     )
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --output_dir"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "train again over a finished --output_dir (default: a rerun with the same "
+                                 "settings skips; other settings are refused)"},
+    )  # fmt: skip
     dry_run: bool = field(
         default=False, metadata={"help": "build on the meta device, print parameters and memory per GPU, exit"}
     )
