@@ -100,7 +100,7 @@ def test_shuffled_fmri_is_a_derangement_and_changes_the_fmri(script, setup, tmp_
                    original(m, p, prompts, fmri, *a, **k))  # fmt: skip
         assert script.main(argv(setup, shuffled, "--batch-size", "3", "--shuffle-fmri", "--seed", "4")) == 0
     control = lines(shuffled)
-    perm = derangement(3, 4)
+    perm = derangement(3, gen.SHUFFLE_FMRI_SEED_OFFSET + 4)
     assert [r["sample"] for r in control] == AVG  # the question's sample id stays
     assert [r["fmri_sample"] for r in control] == [AVG[j] for j in perm]
     assert all(r["fmri_sample"] != r["sample"] for r in control)
@@ -109,6 +109,18 @@ def test_shuffled_fmri_is_a_derangement_and_changes_the_fmri(script, setup, tmp_
     assert [r["text"] for r in control] == [by_fmri[r["fmri_sample"]] for r in control]
     assert len(set(by_fmri.values())) == 3  # three distinct answers, so every shuffled answer changed:
     assert all(c["text"] != r["text"] for c, r in zip(control, lines(real), strict=True))
+
+
+def test_shuffled_fmri_is_not_undone_by_the_shuffled_references_of_eval_captions():
+    # eval_captions.py scores text i against image shuffled_images(...)[i]; were that the image whose fMRI the
+    # shuffled answer i read, the control's own shuffled row would score like real fMRI.
+    from llava_brain.evaluation.captions import shuffled_images
+
+    images = list(range(100, 200))
+    read = gen.shuffled_pairing(images, seed=0)
+    scored_against = shuffled_images(images, seed=0)
+    assert all(r != i for r, i in zip(read, images, strict=True))
+    assert sum(r == s for r, s in zip(read, scored_against, strict=True)) <= 5
 
 
 def test_resume_after_kill_gives_the_uninterrupted_file(script, setup, tmp_path):

@@ -16,6 +16,9 @@ and `model.generate` (KV cache on) continues each row as it would alone. Samplin
 
 Shuffled-fMRI control (`shuffled_pairing`): every question keeps its sample id but is asked about the fMRI of
 another test image of the same subject, a seeded derangement (`controls.derangement`): no sample keeps its own.
+Its seed is offset (`SHUFFLE_FMRI_SEED_OFFSET`) so that it is not the derangement eval_captions.py draws for its
+shuffled references with the same seed: that one would pair each shuffled answer with the very image whose fMRI
+it read, and the control's own shuffled row would score like real fMRI.
 
 `ChatSession`: a multi-turn conversation about one sample (tools/chat.py), the fMRI in the first user turn only.
 """
@@ -84,9 +87,12 @@ def _reference(sample) -> str:
     return sample.reference if isinstance(sample, Sample) else str(sample)
 
 
+SHUFFLE_FMRI_SEED_OFFSET = 7919  # keeps --shuffle-fmri's derangement apart from eval_captions.py's (seed 0, 1, ...)
+
+
 def shuffled_pairing(samples: Sequence, seed: int = 0) -> list:
     """`samples` re-paired by a seeded derangement: entry i is the fMRI asked about in place of samples[i]."""
-    perm = derangement(len(samples), seed)
+    perm = derangement(len(samples), SHUFFLE_FMRI_SEED_OFFSET + int(seed))
     return [samples[int(j)] for j in perm]
 
 
