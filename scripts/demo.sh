@@ -17,20 +17,30 @@ SEED=0
 # OMP_NUM_THREADS=1 make demo is faster, with the 1-thread figures.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-echo "== 1. mini-NSD: a raw NSD tree (betas, ROIs, design, stimuli, COCO annotations)"
+# "== <step>", after the wall time of the step before it; the demo's minutes are budgeted step by step.
+STEP=""
+STEP_START=$SECONDS
+step() {
+  if [ -n "$STEP" ]; then echo "   ($((SECONDS - STEP_START)) s)"; fi
+  STEP=$1
+  STEP_START=$SECONDS
+  echo "== $1"
+}
+
+step "1. mini-NSD: a raw NSD tree (betas, ROIs, design, stimuli, COCO annotations)"
 python prepare_datasets/make_mini_nsd.py \
   --out "$NSD_ROOT" \
   --subject 1 2 5 7 \
   --seed "$SEED" \
   --quiet
 
-echo "== 2. what the NSD readers see, and how decodable it is (ridge retrieval vs chance)"
+step "2. what the NSD readers see, and how decodable it is (ridge retrieval vs chance)"
 python tools/describe_nsd.py \
   --nsd-root "$NSD_ROOT" \
   --ridge-check \
   --json "$DEMO_DIR/mini_nsd_summary.json"
 
-echo "== 3. raw betas -> z-scored fMRI arrays (whole brain + nsdgeneral/streams areas) per subject"
+step "3. raw betas -> z-scored fMRI arrays (whole brain + nsdgeneral/streams areas) per subject"
 python prepare_datasets/make_subjmri.py \
   --nsd-root "$NSD_ROOT" \
   --dataset-root "$DATASET_ROOT" \
@@ -39,7 +49,7 @@ python prepare_datasets/make_subjmri.py \
   --areas nsdgeneral streams \
   --quiet
 
-echo "== 4. stimuli -> lossless PNGs of the images the subjects saw"
+step "4. stimuli -> lossless PNGs of the images the subjects saw"
 python prepare_datasets/make_images.py \
   --nsd-root "$NSD_ROOT" \
   --dataset-root "$DATASET_ROOT" \
@@ -47,21 +57,22 @@ python prepare_datasets/make_images.py \
   --num-workers 2 \
   --quiet
 
-echo "== 5. COCO captions and boxes, keyed by NSD image, boxes mapped into the 425x425 crops"
+step "5. COCO captions and boxes, keyed by NSD image, boxes mapped into the 425x425 crops"
 python prepare_datasets/make_coco_annotations.py \
   --nsd-root "$NSD_ROOT" \
   --dataset-root "$DATASET_ROOT" \
   --subject all
 
-echo "== 6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP and VAE trained on mini-NSD, unCLIP, Llama)"
+step "6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP and VAE trained on mini-NSD, unCLIP, Llama)"
 echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs; LLM perplexity vs untrained and unigram)"
 python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \
   --seed "$SEED" \
+  --vae-steps 300 \
   --quiet
 
-echo "== 7. BLIP-2 captions (random tiny model: the text is noise; the pipeline is the point)"
+step "7. BLIP-2 captions (random tiny model: the text is noise; the pipeline is the point)"
 python prepare_datasets/generate_captions.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
@@ -72,7 +83,7 @@ python prepare_datasets/generate_captions.py \
   --batch-size 64 \
   --quiet
 
-echo "== 8. DETR objects (random tiny model, so every box is kept: --threshold 0)"
+step "8. DETR objects (random tiny model, so every box is kept: --threshold 0)"
 python prepare_datasets/object_detection.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
@@ -82,7 +93,7 @@ python prepare_datasets/object_detection.py \
   --batch-size 64 \
   --quiet
 
-echo "== 9. CLIP image embeddings and VAE latents (the ViT3D's targets)"
+step "9. CLIP image embeddings and VAE latents (the ViT3D's targets)"
 python prepare_datasets/generate_clip_embeds.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
@@ -94,12 +105,12 @@ python prepare_datasets/generate_clip_embeds.py \
   --batch-size 64 \
   --quiet
 
-echo "== 10. what the prepared dataset root holds"
+step "10. what the prepared dataset root holds"
 python tools/describe_root.py \
   --dataset-root "$DATASET_ROOT" \
   --json "$DEMO_DIR/root_summary.json"
 
-echo "== 11. instruction data: template conversations (offline, free) and the LLaVA SFT files"
+step "11. instruction data: template conversations (offline, free) and the LLaVA SFT files"
 for TYPE in conversation detail_description complex_reasoning; do
   python prepare_datasets/generate_conversation.py \
     --dataset-root "$DATASET_ROOT" \
@@ -117,7 +128,7 @@ python prepare_datasets/generate_sft_data.py \
   --per-sample
 
 
-echo "== 12. ridge baseline: nsdgeneral voxels -> image targets, top-1 retrieval among the test images vs chance"
+step "12. ridge baseline: nsdgeneral voxels -> image targets, top-1 retrieval among the test images vs chance"
 echo "   (clip: the tiny CLIP trained on mini-NSD in step 6; pixels: 8x8 contrast thumbnails)"
 for TARGET in clip pixels; do
   python tools/evaluate/ridge_baseline.py \
@@ -127,7 +138,7 @@ for TARGET in clip pixels; do
     --target "$TARGET"
 done
 
-echo "== 13. ViT3D pretraining, tiny configuration, all four subjects in one model (CLIP + VAE heads)"
+step "13. ViT3D pretraining, tiny configuration, all four subjects in one model (CLIP + VAE heads)"
 python pretrain_vit3d.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
@@ -146,7 +157,7 @@ python pretrain_vit3d.py \
   --precision fp32 \
   --device cpu
 
-echo "== 14. prediction files: the ViT3D and the ridge model over each subject's test images (averaged, single trial)"
+step "14. prediction files: the ViT3D and the ridge model over each subject's test images (averaged, single trial)"
 python tools/evaluate/fmri2embeds.py \
   --encoder vit3d \
   --model "$DATASET_ROOT/runs/vit3d" \
@@ -159,7 +170,7 @@ python tools/evaluate/fmri2embeds.py \
   --dataset-root "$DATASET_ROOT" \
   --quiet
 
-echo "== 15. retrieval from the prediction files (top-1 and MindEye's pools, shuffled-fMRI control), side by side"
+step "15. retrieval from the prediction files (top-1 and MindEye's pools, shuffled-fMRI control), side by side"
 for RUN in vit3d ridge_nsdgeneral; do
   python tools/evaluate/eval_retrieval.py \
     --predictions "$DATASET_ROOT/runs/predictions/$RUN" \
@@ -170,7 +181,7 @@ python tools/evaluate/retrieval_table.py \
   --run vit3d="$EVAL/retrieval_vit3d.json" \
   --json "$DATASET_ROOT/runs/retrieval_table.json"
 
-echo "== 16. low-level reconstructions: the ViT3D's predicted VAE latents through the unCLIP pipeline's VAE"
+step "16. low-level reconstructions: the ViT3D's predicted VAE latents through the unCLIP pipeline's VAE"
 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
@@ -179,7 +190,7 @@ python tools/evaluate/embeds2images.py \
   --device cpu \
   --quiet
 
-echo "== 17. image metrics (Brain-Diffuser protocol, every subject and kind in one call) with shuffled pairs"
+step "17. image metrics (Brain-Diffuser protocol, every subject and kind in one call) with shuffled pairs"
 echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one)"
 RECONS=() STIMULI=() SCORES=()
 for SUBJ in subj01 subj02 subj05 subj07; do
@@ -198,7 +209,7 @@ python tools/evaluate/eval_recon.py \
   --device cpu \
   --quiet > /dev/null
 
-echo "== 18. captions by retrieval from the predicted CLIP embeddings, scored against COCO (shuffled control)"
+step "18. captions by retrieval from the predicted CLIP embeddings, scored against COCO (shuffled control)"
 python tools/evaluate/retrieve_captions.py \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --dataset-root "$DATASET_ROOT" \
@@ -214,10 +225,87 @@ python tools/evaluate/eval_captions.py \
   --json "$EVAL/captions_vit3d_retrieval_avg_coco.json" \
   --quiet
 
-echo "== 19. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids"
+step "19. Brain-LLaVA: the tiny Llama reads the ViT3D's tokens (stage 1: projector; stage 2: projector + LLM)"
+echo "   (brief captions only, to fit the demo's minutes; the ViT3D's last block (-1): with 2 blocks its penultimate"
+echo "   layer is one block from the voxels, and the tiny LLM could not read it: docs/brain_llava_training.md)"
+BRAIN_LLAVA=$DATASET_ROOT/runs/brain_llava
+python -m llava_brain.train \
+  --model_name_or_path "$TINY/llm" \
+  --vision_tower "$DATASET_ROOT/runs/vit3d" \
+  --mm_vision_select_layer -1 \
+  --data_path "$DATASET_ROOT/nsd/sft_data_tr.json" \
+  --data_types brief_description \
+  --dataset_root "$DATASET_ROOT" \
+  --tune_mm_mlp_adapter True \
+  --max_steps 50 \
+  --per_device_train_batch_size 16 \
+  --learning_rate 3e-3 \
+  --save_strategy no \
+  --logging_steps 100 \
+  --disable_tqdm True \
+  --use_cpu True \
+  --report_to none \
+  --seed "$SEED" \
+  --output_dir "$BRAIN_LLAVA/stage1"
+python -m llava_brain.train \
+  --model_name_or_path "$TINY/llm" \
+  --vision_tower "$DATASET_ROOT/runs/vit3d" \
+  --mm_vision_select_layer -1 \
+  --data_path "$DATASET_ROOT/nsd/sft_data_tr.json" \
+  --data_types brief_description \
+  --dataset_root "$DATASET_ROOT" \
+  --pretrain_mm_mlp_adapter "$BRAIN_LLAVA/stage1" \
+  --mm_projector_lr 3e-2 \
+  --max_steps 400 \
+  --per_device_train_batch_size 16 \
+  --learning_rate 3e-3 \
+  --save_strategy no \
+  --logging_steps 100 \
+  --disable_tqdm True \
+  --use_cpu True \
+  --report_to none \
+  --seed "$SEED" \
+  --output_dir "$BRAIN_LLAVA/stage2"
+
+step "20. Brain-LLaVA's brief captions from real and from shuffled fMRI, scored against COCO"
+CAPTIONS=$DATASET_ROOT/runs/captions
+python tools/evaluate/generate_captions_from_llava.py \
+  --model "$BRAIN_LLAVA/stage2/final" \
+  --dataset-root "$DATASET_ROOT" \
+  --kind avg \
+  --batch-size 50 \
+  --max-new-tokens 24 \
+  --device cpu \
+  --out "$CAPTIONS/brain_llava_avg_real.jsonl" \
+  --quiet
+python tools/evaluate/generate_captions_from_llava.py \
+  --model "$BRAIN_LLAVA/stage2/final" \
+  --dataset-root "$DATASET_ROOT" \
+  --kind avg \
+  --batch-size 50 \
+  --max-new-tokens 24 \
+  --device cpu \
+  --shuffle-fmri \
+  --out "$CAPTIONS/brain_llava_avg_shuffled.jsonl" \
+  --quiet
+for CONTROL in real shuffled; do
+  python tools/evaluate/eval_captions.py \
+    --captions "$CAPTIONS/brain_llava_avg_$CONTROL.jsonl" \
+    --dataset-root "$DATASET_ROOT" \
+    --refs coco \
+    --run "brain_llava_avg ($CONTROL fMRI)" \
+    --clip-vision "$TINY/clip_vision" \
+    --clip-text "$TINY/clip_text" \
+    --device cpu \
+    --json "$EVAL/captions_brain_llava_avg_${CONTROL}_coco.json" \
+    --quiet > /dev/null
+done
+
+step "21. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids"
 python tools/evaluate/make_report.py \
   --evals "$EVAL" \
   --out "$DEMO_DIR" \
   --title "Demo report: mini-NSD, tiny models" \
   --note "Simulated data (mini-NSD, 100 test images per subject) and tiny models trained for seconds: compare each measured row with its control row, not with the published rows (real NSD, full-size models)."
-echo "report: $DEMO_DIR/report.md"
+echo "   ($((SECONDS - STEP_START)) s)"
+echo "report: $DEMO_DIR/report.md (the demo took $SECONDS s)"
