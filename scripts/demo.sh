@@ -64,12 +64,14 @@ python prepare_datasets/make_coco_annotations.py \
   --subject all
 
 step "6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP and VAE trained on mini-NSD, unCLIP, Llama)"
+echo "   (the unCLIP UNet stays random here, --unet-steps 0: the demo does not run the unCLIP decoder yet)"
 echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs; LLM perplexity vs untrained and unigram)"
 python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \
   --seed "$SEED" \
   --vae-steps 300 \
+  --unet-steps 0 \
   --quiet
 
 step "7. BLIP-2 captions (random tiny model: the text is noise; the pipeline is the point)"

@@ -40,7 +40,7 @@ def scores(tmp_path_factory):
     _run("prepare_datasets/make_images.py", *common, "--subject", "all", "--quiet")
     _run("prepare_datasets/make_coco_annotations.py", *common, "--subject", "all")
     _run("tools/make_tiny_models.py", "--out", tiny, "--nsd-root", nsd, "--clip-steps", "400", "--vae-steps", "1",
-         "--vae-images", "8", "--llm-steps", "200", "--quiet")  # fmt: skip
+         "--vae-images", "8", "--llm-steps", "200", "--unet-steps", "0", "--quiet")  # fmt: skip
     _run("prepare_datasets/generate_clip_embeds.py", "--dataset-root", root, "--subject", "all", "--clip-model",
          tiny / "clip_vision", "--no-vae", "--device", "cpu", "--quiet")  # fmt: skip
     _run("prepare_datasets/generate_sft_data.py", "--dataset-root", root, "--subject", "all", "--types", BRIEF,

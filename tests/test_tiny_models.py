@@ -26,6 +26,8 @@ TEST_VAE_STEPS = 150
 TEST_CLIP_STEPS = 200
 # Enough LLM steps for held-out caption perplexity far below the untrained model's and a unigram model's (~3 s).
 TEST_LLM_STEPS = 60
+# Enough unCLIP UNet steps for images from the true CLIP embeddings to beat shuffled pairs (~15 s of the build).
+TEST_UNET_STEPS = 150
 FOLDERS = ("blip2", "detr", "clip_vision", "clip_text", "vae", "unclip", "llm")
 
 
@@ -43,7 +45,8 @@ def tree(tmp_path_factory) -> NsdTree:
 
 def _args(tree: NsdTree, out: Path, *flags: str) -> list[str]:
     return ["--out", str(out), "--nsd-root", str(tree.root), "--vae-steps", str(TEST_VAE_STEPS),
-            "--clip-steps", str(TEST_CLIP_STEPS), "--llm-steps", str(TEST_LLM_STEPS), "--quiet", *flags]  # fmt: skip
+            "--clip-steps", str(TEST_CLIP_STEPS), "--llm-steps", str(TEST_LLM_STEPS), "--unet-steps",
+            str(TEST_UNET_STEPS), "--quiet", *flags]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def test_overwrite_rebuilds_atomically(script, small_tree, tmp_path):
     (out / "stale.txt").write_text("left by an interrupted run")
     assert script.main(_args(small_tree, out)) == 2  # not a finished folder: refuse to touch it
     assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), "--vae-steps", "1", "--clip-steps",
-                        "1", "--llm-steps", "1", "--quiet", "--overwrite"]) == 0  # fmt: skip
+                        "1", "--llm-steps", "1", "--unet-steps", "1", "--quiet", "--overwrite"]) == 0  # fmt: skip
     assert not (out / "stale.txt").exists() and (out / "tiny_models.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
 
@@ -115,7 +118,7 @@ def test_steps_0_keep_the_random_clip_and_llm(script, small_tree, tmp_path):
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPVisionModelWithProjection, LlamaForCausalLM
 
     out = tmp_path / "models"
-    flags = ["--vae-steps", "1", "--clip-steps", "0", "--llm-steps", "0", "--quiet"]
+    flags = ["--vae-steps", "1", "--clip-steps", "0", "--llm-steps", "0", "--unet-steps", "0", "--quiet"]
     assert script.main(["--out", str(out), "--nsd-root", str(small_tree.root), *flags]) == 0
     report = json.loads((out / "tiny_models.json").read_text())["clip_training"]
     assert report["steps"] == 0 and "seconds" not in report and report["chance"] == pytest.approx(1 / 12, abs=1e-4)
@@ -127,6 +130,8 @@ def test_steps_0_keep_the_random_clip_and_llm(script, small_tree, tmp_path):
             assert torch.equal(saved.state_dict()[key], value), key
     llm = json.loads((out / "tiny_models.json").read_text())["llm_training"]
     assert llm["steps"] == 0 and "final_loss" not in llm and llm["perplexity"] == llm["untrained_perplexity"]
+    unclip = json.loads((out / "tiny_models.json").read_text())["unclip_training"]
+    assert unclip["steps"] == 0 and "final_loss" not in unclip and "pixcorr" not in unclip
     fresh = tiny.build_llm(tokenizer=AutoTokenizer.from_pretrained(out / "llm"), seed=0)
     saved = LlamaForCausalLM.from_pretrained(out / "llm").state_dict()
     for key, value in fresh.state_dict().items():
@@ -285,6 +290,13 @@ def test_llm_tokenizer_round_trips_and_keeps_image_whole(built, manifest):
     for name in ("bos", "eos", "pad", "unk"):
         assert getattr(tokenizer, f"{name}_token_id") is not None, name
     assert len(tokenizer) == manifest["models"]["llm"]["vocab_size"]
+
+
+def test_unclip_unet_learns_to_draw_from_clip_embeddings(manifest):
+    report = manifest["unclip_training"]
+    assert report["steps"] == TEST_UNET_STEPS and report["heldout_images"] >= 2
+    assert report["pixcorr"] > report["shuffled_pixcorr"] + 0.1, report
+    assert report["two_way"] > report["shuffled_two_way"] + 0.1, report
 
 
 def test_vae_learns_coarse_images(built, manifest):

@@ -25,7 +25,8 @@ from llava_brain.nsd.stimuli import HDF5_DATASET
 from conftest import REPO, load_script
 
 SCRIPT = REPO / "tools" / "make_tiny_models.py"
-FLAGS = ("--vae-steps", "2", "--clip-steps", "2", "--llm-steps", "2", "--quiet")  # every stage runs; seconds
+# Every stage runs, for seconds only.
+FLAGS = ("--vae-steps", "2", "--clip-steps", "2", "--llm-steps", "2", "--unet-steps", "2", "--quiet")
 # Run the script with one function replaced by a self-SIGKILL: "blip2" = after the LLM folder is written,
 # "vae" = after the CLIP folders, "swap" = with every file (run.json too) in the staging folder, unswapped.
 DRIVER = """

@@ -8,17 +8,21 @@ Stages load them with `from_pretrained(<out>/<name>)` exactly as they load real 
                 both towers trained together, contrastively, on the tree's (stimulus, COCO caption)
                 pairs (shared1000 images held out)
   vae/          AutoencoderKL, trained briefly on the tree's stimuli (shared1000 images held out)
-  unclip/       StableUnCLIPImg2ImgPipeline built from clip_vision/, clip_text/'s tower and vae/
+  unclip/       StableUnCLIPImg2ImgPipeline built from clip_vision/, clip_text/'s tower and vae/; its UNet
+                trained briefly as a latent diffusion model on the VAE latents of the VAE's training images,
+                conditioned on their CLIP image embeddings and captions (shared1000 images held out)
   llm/          LlamaForCausalLM pretrained briefly (next-token prediction) on the tree's text: its COCO
                 captions and, rendered through LLaVA v1's chat template, one conversation per image and
                 instruction type built from its captions and boxes with the instruction data's own
                 wording (shared1000 images held out); a byte-level BPE tokenizer trained on the same
                 text (+ instruction sentences), with `<image>` and the chat template
   tiny_models.json (what each folder holds, parameter counts, CLIP held-out retrieval, VAE PixCorr,
-                the LLM's held-out perplexity beside the untrained one's and a unigram model's)
+                the LLM's held-out perplexity beside the untrained one's and a unigram model's, and
+                unCLIP's images from the held-out images' true CLIP embeddings: PixCorr and two-way
+                identification with the tiny CLIP, against shuffled pairs)
   and run.json (settings, input fingerprints, timings, torch threads: `io.StageRun`).
-Weights are random except the CLIP towers', the VAE's and the LLM's. Built under a hidden `.<name>.partial`
-sibling swapped in whole, so a rerun after a kill starts over and writes the same files. A rerun with
+Weights are random except the CLIP towers', the VAE's, the LLM's and the unCLIP UNet's. Built under a hidden
+`.<name>.partial` sibling swapped in whole, so a rerun after a kill starts over and writes the same files. A rerun with
 the same settings and NSD inputs does nothing; other ones are refused without --overwrite. The CLIP
 vocabulary comes from the open-clip-torch wheel (read, not imported).
 Same settings, inputs, CPU type and torch thread count (the CPU quota or OMP_NUM_THREADS, in run.json)
@@ -28,7 +32,8 @@ last bits (on mini-NSD, 1 and 2 threads gave the same scores to 4 decimals).
   python tools/make_tiny_models.py --out demo_out/tiny_models --nsd-root data/mini_nsd    # default, 2-4 min
   python tools/make_tiny_models.py --out /tmp/tiny_models --nsd-root /tmp/mini_nsd --vae-steps 40 --clip-steps 40 \
       --llm-steps 40
-On 2 CPU cores the VAE takes 85-220 s of the default build (the machine's load), CLIP ~30 s, the LLM ~13 s.
+On 2 CPU cores the VAE takes 85-220 s of the default build (the machine's load), CLIP ~30 s, the unCLIP UNet
+~40 s, the LLM ~13 s.
 On real NSD (COCO's varied captions fill the 4096-token vocabulary; CLIP, the VAE and the LLM each learn
 from 2048 NSD images; the LLM is scored on all 1000 shared1000 images' texts):
   python tools/make_tiny_models.py --out /data/tiny_models --nsd-root /data/nsd
@@ -54,8 +59,9 @@ from llava_brain.layout import NsdTree
 log = logging.getLogger("make_tiny_models")
 MANIFEST = "tiny_models.json"
 # Bump when the builders change what they write, so that an old folder is not taken as up to date.
-# 2: trained CLIP towers; 3: the shared warm-up + cosine schedule, run.json via StageRun; 4: pretrained LLM
-FORMAT_VERSION = 4
+# 2: trained CLIP towers; 3: the shared warm-up + cosine schedule, run.json via StageRun; 4: pretrained LLM;
+# 5: trained unCLIP UNet
+FORMAT_VERSION = 5
 COCO_SPLITS = ("train2017", "val2017")
 HELDOUT_IMAGES = 64  # shared1000 images whose reconstructions the VAE is scored on
 CLIP_HELDOUT_IMAGES = 1000  # shared1000 images CLIP retrieval is scored on: all of them (mini-NSD: 100)
@@ -103,6 +109,11 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--vae-images", type=int, default=2048,
         help="most training images, spread evenly over the non-shared nsdIds (mini-NSD has 1600)",
     )  # fmt: skip
+    p.add_argument(
+        "--unet-steps", type=int, default=200,
+        help="unCLIP UNet optimisation steps, batches of 16 VAE latents of the VAE's training images (default 200: "
+        "~40 s on 2 CPU cores; 0 = leave it random)",
+    )  # fmt: skip
     # LLM pretraining
     p.add_argument(
         "--llm-steps", type=int, default=200,
@@ -131,6 +142,7 @@ def _settings(args) -> dict:
         "vae_images": args.vae_images,
         "llm_steps": args.llm_steps,
         "llm_images": args.llm_images,
+        "unet_steps": args.unet_steps,
         "conversations": TEMPLATE_MODEL,  # the template backend's version: its wording is in the LLM's corpus
     }
 
@@ -290,7 +302,7 @@ def _build_vae(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) ->
         report.update({k: round(v, 4) for k, v in trained.items()})
     report.update({k: round(v, 4) for k, v in tiny.reconstruction_pixcorr(vae, heldout).items()})
     vae.save_pretrained(staging / "vae")
-    return vae, report
+    return vae, report, train
 
 
 def _train_clip(tree: NsdTree, args, plan: Plan, vision, processor, text, tokenizer, timings: dict) -> dict:
@@ -335,6 +347,47 @@ def _log_scores(clip: dict, vae: dict, llm: dict, timings: dict) -> None:
         "conversations %.2f (untrained %.0f, unigram %.1f)%s",
         llm["heldout_images"], trained["captions"], untrained["captions"], unigram["captions"],
         trained["conversations"], untrained["conversations"], unigram["conversations"], took(llm, "llm_train"),
+    )  # fmt: skip
+
+
+def _train_unet(tree: NsdTree, args, plan: Plan, pipe, clip_vision, clip_processor, images, timings: dict) -> dict:
+    """Train unCLIP's UNet in place (`--unet-steps` > 0) on the VAE's training images ((n, 3, S, S) in [-1, 1]):
+    their scaled VAE latents, CLIP image embeddings and captions, then score the held-out check."""
+    import torch
+
+    from llava_brain import tiny
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        latents = torch.cat([pipe.vae.encode(c).latent_dist.mean for c in images.split(64)])
+        latents = latents * pipe.vae.config.scaling_factor
+        pixels = tiny.clip_pixel_values(_read_stimuli(tree, plan.vae_train, clip_vision.config.image_size),
+                                        clip_processor)  # fmt: skip
+        embeds = torch.cat([clip_vision(pixel_values=c).image_embeds for c in pixels.split(256)])
+    captions = [plan.captions_by_nsd_id.get(int(i)) or [""] for i in plan.vae_train]
+    timings["unet_inputs"] = round(time.perf_counter() - started, 1)
+    report = {"train_images": len(plan.vae_train), "heldout_images": len(plan.vae_heldout), "steps": args.unet_steps}
+    if args.unet_steps > 0:
+        trained = tiny.train_unclip(pipe, latents, embeds, captions, steps=args.unet_steps, batch_size=16, lr=2e-3,
+                                    seed=args.seed, progress=not args.quiet)  # fmt: skip
+        timings["unet_train"] = round(trained.pop("seconds"), 1)
+        report.update({k: round(v, 4) for k, v in trained.items()})
+        check = tiny.unclip_check(pipe, clip_vision, clip_processor,
+                                  _read_stimuli(tree, plan.vae_heldout, args.image_size), seed=args.seed)  # fmt: skip
+        report.update({k: round(v, 4) for k, v in check.items()})
+    return report
+
+
+def _log_unclip(report: dict, timings: dict) -> None:
+    if "pixcorr" not in report:
+        log.info("unCLIP UNet left random (--unet-steps 0): no held-out check")
+        return
+    took = f" ({report['steps']} steps, {timings['unet_train']:.0f} s)" if "unet_train" in timings else ""
+    log.info(
+        "unCLIP from the true CLIP embeddings of %d held-out shared1000 images: PixCorr %.3f (shuffled pairs %.3f), "
+        "two-way identification with the tiny CLIP %.3f (shuffled %.3f, chance 0.5)%s",
+        report["heldout_images"], report["pixcorr"], report["shuffled_pixcorr"], report["two_way"],
+        report["shuffled_two_way"], took,
     )  # fmt: skip
 
 
@@ -384,28 +437,31 @@ def build_all(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) -> 
     clip_tokenizer.save_pretrained(staging / "clip_text")
     models["clip_text"] = _describe(clip_text, tokenizer=type(clip_tokenizer).__name__, vocab_size=len(clip_tokenizer))
 
-    vae, vae_report = _build_vae(tree, args, plan, staging, timings)
+    vae, vae_report, vae_images = _build_vae(tree, args, plan, staging, timings)
     models["vae"] = _describe(vae, latent_channels=vae.config.latent_channels,
                               scaling_factor=vae.config.scaling_factor)  # fmt: skip
 
     pipe = tiny.build_unclip(clip_vision=clip_vision, feature_extractor=clip_processor, clip_tokenizer=clip_tokenizer,
                              clip_text=clip_text, vae=vae, seed=args.seed)  # fmt: skip
+    unclip_report = _train_unet(tree, args, plan, pipe, clip_vision, clip_processor, vae_images, timings)
     pipe.save_pretrained(staging / "unclip")
     models["unclip"] = {"class": type(pipe).__name__,
                         "components": {name: type(c).__name__ for name, c in pipe.components.items()},
                         "unet_parameters": tiny.num_parameters(pipe.unet)}  # fmt: skip
-    return {"models": models, "clip_training": clip_report, "vae_training": vae_report, "llm_training": llm_report}
+    return {"models": models, "clip_training": clip_report, "vae_training": vae_report, "llm_training": llm_report,
+            "unclip_training": unclip_report}  # fmt: skip
 
 
 def _check_args(parser: argparse.ArgumentParser, args) -> None:
     # The VAE halves the image for most of its training and downsamples by 4.
     if args.image_size < 16 or args.image_size % 8:
         parser.error(f"--image-size must be a multiple of 8 and >= 16, got {args.image_size}")
-    steps, images = (args.vae_steps, args.clip_steps, args.llm_steps), (args.clip_images, args.llm_images)
+    steps = (args.vae_steps, args.clip_steps, args.llm_steps, args.unet_steps)
+    images = (args.clip_images, args.llm_images)
     if min(steps) < 0 or args.vae_images < 1 or min(images) < 2:
         parser.error(
-            "--vae-steps, --clip-steps and --llm-steps must be >= 0, --vae-images >= 1, --clip-images and "
-            "--llm-images >= 2"
+            "--vae-steps, --clip-steps, --llm-steps and --unet-steps must be >= 0, --vae-images >= 1, --clip-images "
+            "and --llm-images >= 2"
         )
     if args.vocab_size < 300:
         parser.error("--vocab-size must be >= 300 (256 bytes + specials)")
@@ -436,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("tiny models already complete at %s (same settings and inputs); nothing to do", out)
         manifest = read_json(out / MANIFEST, "the tiny models manifest")
         _log_scores(manifest["clip_training"], manifest["vae_training"], manifest["llm_training"], {})
+        _log_unclip(manifest["unclip_training"], {})
         return 0
     plan = plan_inputs(tree, args)
     if args.quiet:
@@ -449,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         timings["total"] = round(time.perf_counter() - started, 1)
         run.finish(args, into=staging, timings=timings, torch_threads=threads)
     _log_scores(summary["clip_training"], summary["vae_training"], summary["llm_training"], timings)
+    _log_unclip(summary["unclip_training"], timings)
     log.info("wrote tiny models to %s in %.1f s: %s", out, timings["total"], ", ".join(summary["models"]))
     return 0
 

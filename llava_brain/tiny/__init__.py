@@ -8,9 +8,10 @@ models") says which stage uses which. The package, by concern:
 - `tokenizers`: the byte-level BPE (LLM and BLIP-2's OPT tokenizer, trained here on captions plus
   `INSTRUCTION_SENTENCES`) and OpenAI's real CLIP vocabulary (read from the open-clip-torch wheel);
 - `builders`: one `build_*` per model, each seeding its own random stream;
-- `clip_training`, `vae_training`, `llm_training`: the three models that are trained (CLIP contrastively on
-  image-caption pairs, the VAE on stimuli, the Llama on captions and chat-formatted instruction
-  conversations); all others keep their random weights;
+- `clip_training`, `vae_training`, `llm_training`, `unclip_training`: the four models that are trained (CLIP
+  contrastively on image-caption pairs, the VAE on stimuli, the Llama on captions and chat-formatted instruction
+  conversations, Stable unCLIP's UNet as a latent diffusion model conditioned on the CLIP image embeddings);
+  all others keep their random weights;
 - `metrics`: their held-out scores (CLIP retrieval, the VAE's reconstruction PixCorr; `pixcorr` is
   `llava_brain.evaluation.image_metrics.pixcorr`, re-exported); the LLM's perplexity is in `llm_training`.
 
@@ -60,6 +61,7 @@ from llava_brain.tiny.tokenizers import (
     openai_clip_vocab,
     train_byte_bpe,
 )
+from llava_brain.tiny.unclip_training import train_unclip, unclip_check
 from llava_brain.tiny.vae_training import images_to_tensor, train_vae
 
 __all__ = [
@@ -102,8 +104,10 @@ __all__ = [
     "train_byte_bpe",
     "train_clip",
     "train_llm",
+    "train_unclip",
     "train_vae",
     "tree_contexts",
+    "unclip_check",
     "unigram_perplexity",
     "without_specials",
 ]

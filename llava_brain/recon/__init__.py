@@ -1,0 +1,21 @@
+"""Reconstruction from predicted embeddings: the paper's Stable unCLIP decoder (`unclip`)."""
+
+from llava_brain.recon.unclip import (
+    COMPONENTS,
+    UnclipSettings,
+    check_pipeline_folder,
+    closest_to_embedding,
+    decode,
+    load_pipeline,
+    sample_seed,
+)
+
+__all__ = [
+    "COMPONENTS",
+    "UnclipSettings",
+    "check_pipeline_folder",
+    "closest_to_embedding",
+    "decode",
+    "load_pipeline",
+    "sample_seed",
+]
