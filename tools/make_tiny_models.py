@@ -357,6 +357,9 @@ def _train_unet(tree: NsdTree, args, plan: Plan, pipe, clip_vision, clip_process
 
     from llava_brain import tiny
 
+    report = {"train_images": len(plan.vae_train), "heldout_images": len(plan.vae_heldout), "steps": args.unet_steps}
+    if args.unet_steps == 0:
+        return report  # a random UNet: nothing to train, and its check would say nothing
     started = time.perf_counter()
     with torch.no_grad():
         latents = torch.cat([pipe.vae.encode(c).latent_dist.mean for c in images.split(64)])
@@ -366,15 +369,13 @@ def _train_unet(tree: NsdTree, args, plan: Plan, pipe, clip_vision, clip_process
         embeds = torch.cat([clip_vision(pixel_values=c).image_embeds for c in pixels.split(256)])
     captions = [plan.captions_by_nsd_id.get(int(i)) or [""] for i in plan.vae_train]
     timings["unet_inputs"] = round(time.perf_counter() - started, 1)
-    report = {"train_images": len(plan.vae_train), "heldout_images": len(plan.vae_heldout), "steps": args.unet_steps}
-    if args.unet_steps > 0:
-        trained = tiny.train_unclip(pipe, latents, embeds, captions, steps=args.unet_steps, batch_size=16, lr=2e-3,
-                                    seed=args.seed, progress=not args.quiet)  # fmt: skip
-        timings["unet_train"] = round(trained.pop("seconds"), 1)
-        report.update({k: round(v, 4) for k, v in trained.items()})
-        check = tiny.unclip_check(pipe, clip_vision, clip_processor,
-                                  _read_stimuli(tree, plan.vae_heldout, args.image_size), seed=args.seed)  # fmt: skip
-        report.update({k: round(v, 4) for k, v in check.items()})
+    trained = tiny.train_unclip(pipe, latents, embeds, captions, steps=args.unet_steps, batch_size=16, lr=2e-3,
+                                seed=args.seed, progress=not args.quiet)  # fmt: skip
+    timings["unet_train"] = round(trained.pop("seconds"), 1)
+    report.update({k: round(v, 4) for k, v in trained.items()})
+    check = tiny.unclip_check(pipe, clip_vision, clip_processor,
+                              _read_stimuli(tree, plan.vae_heldout, args.image_size), seed=args.seed)  # fmt: skip
+    report.update({k: round(v, 4) for k, v in check.items()})
     return report
 
 
