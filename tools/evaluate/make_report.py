@@ -13,8 +13,13 @@ recursively, and writes `report.md` and `report.json` into --out:
 - Table 1 (captioning), one table per reference set and task: the paper's columns plus RefCLIP-S and the
   MiniLM sentence similarity, the published rows (brief captions only, where the paper has them), one row
   per run and its shuffled-references control row.
-- The grids (stimulus | reconstruction) of each reconstruction folder that was scored, copied beside
-  the report so that report.md shows them wherever it is moved.
+- The β sweep of the unCLIP decoder (the paper's Fig. 5), when the scored folders hold one (unCLIP runs that
+  differ only in --beta, at least 3 values; llava_brain.evaluation.beta_sweep): PixCorr and CLIP two-way
+  identification against β beside shuffled pairs, drawn as report_grids/beta_sweep_<protocol>_<kind>.png
+  with its numbers as a table.
+- The grids (stimulus | reconstruction; unCLIP: stimulus | low-level VAE decode | reconstruction) of each
+  reconstruction folder that was scored, copied beside the report so that report.md shows them wherever it
+  is moved.
 Values that an evaluator could not compute (a metric network that is not installed, SPICE without
 CoreNLP) appear as "n/a" with the reason in the notes; a report never invents a number.
 
@@ -230,10 +235,36 @@ def grids_section(results: list[dict], out: Path) -> tuple[list[str], list[str]]
         copied.append(f"{GRIDS}/{name}")
     if not copied:
         return [], []
-    lines = ["## Reconstructions", "", "Each pair: stimulus | reconstruction (the first samples of each folder)."]
+    lines = [
+        "## Reconstructions",
+        "",
+        "Each sample: stimulus | reconstruction; unCLIP folders: stimulus | the "
+        "low-level VAE decode of the predicted latent | reconstruction (the first samples of each folder).",
+    ]
     for path in copied:
         lines += ["", f"{Path(path).stem}:", "", f"![{Path(path).stem}]({path})"]
     return lines, copied
+
+
+def beta_sweep_section(results: list[dict], out: Path) -> tuple[list[str], list[dict]]:
+    """The β sweeps among the scored unCLIP folders, each plotted into report_grids/ with its table."""
+    from llava_brain.evaluation.beta_sweep import find_sweeps, plot_sweep, sweep_markdown
+
+    sweeps = find_sweeps(results)
+    if not sweeps:
+        return [], []
+    lines = ["## β sweep of the unCLIP decoder", "",
+             "x = D((1 - β) z_vae + β ε | z_clip, prompt): the lower β, the more of the predicted VAE latent "
+             "survives. Each point: the mean over its subjects (n); dashed: the same folders' shuffled "
+             "pairs."]  # fmt: skip
+    for sweep in sweeps:
+        name = f"beta_sweep_{sweep['protocol']}_{sweep['kind']}.png"
+        plot_sweep(sweep, out / GRIDS / name)
+        sweep["plot"] = f"{GRIDS}/{name}"
+        fixed = ", ".join(f"{k} {v}" for k, v in sweep["settings"].items() if k not in ("prompts",))
+        lines += ["", f"### protocol {sweep['protocol']}, {KINDS.get(sweep['kind'], sweep['kind'])}", "",
+                  f"Fixed: {fixed}.", "", f"![β sweep]({sweep['plot']})", "", sweep_markdown(sweep)]  # fmt: skip
+    return lines, sweeps
 
 
 @exits_on_bad_input
@@ -254,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     if found.get("recon"):
         section, report["table2"] = reconstruction_section(found["recon"])
         lines += ["", *section]
+        section, report["beta_sweeps"] = beta_sweep_section(found["recon"], args.out)
+        lines += ["", *section] if section else []
     if found.get("captions"):
         section, report["table1"] = captioning_section(found["captions"])
         lines += ["", *section]
