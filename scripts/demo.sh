@@ -63,15 +63,15 @@ python prepare_datasets/make_coco_annotations.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all
 
-step "6. tiny models of the full-scale classes (BLIP-2, DETR, CLIP and VAE trained on mini-NSD, unCLIP, Llama)"
-echo "   (the unCLIP UNet stays random here, --unet-steps 0: the demo does not run the unCLIP decoder yet)"
-echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs; LLM perplexity vs untrained and unigram)"
+step "6. tiny models of the full-scale classes (BLIP-2, DETR; CLIP, VAE, unCLIP UNet and Llama trained on mini-NSD)"
+echo "   (prints held-out scores: CLIP image<->caption retrieval vs chance; VAE PixCorr vs shuffled pairs;"
+echo "   unCLIP images from true CLIP embeddings vs shuffled pairs; LLM perplexity vs untrained and unigram)"
 python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \
   --seed "$SEED" \
   --vae-steps 300 \
-  --unet-steps 0 \
+  --unet-steps 150 \
   --quiet
 
 step "7. BLIP-2 captions (random tiny model: the text is noise; the pipeline is the point)"
@@ -151,7 +151,7 @@ python pretrain_vit3d.py \
   --head-hidden 256 \
   --patch-size 6 \
   --vae \
-  --epochs 16 \
+  --epochs 10 \
   --batch-size 16 \
   --lr 1e-3 \
   --warmup-steps 50 \
@@ -184,34 +184,17 @@ python tools/evaluate/retrieval_table.py \
   --json "$DATASET_ROOT/runs/retrieval_table.json"
 
 step "16. low-level reconstructions: the ViT3D's predicted VAE latents through the unCLIP pipeline's VAE"
+echo "   (repeat-averaged test samples only, to fit the demo's minutes; scripts/nsd/50_evaluate.sh adds single trials)"
 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --decoder vae \
   --model "$TINY/unclip" \
+  --kinds avg \
   --device cpu \
   --quiet
 
-step "17. image metrics (Brain-Diffuser protocol, every subject and kind in one call) with shuffled pairs"
-echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one)"
-RECONS=() STIMULI=() SCORES=()
-for SUBJ in subj01 subj02 subj05 subj07; do
-  for KIND in avg single; do
-    RECONS+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_$KIND/recons")
-    STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_$KIND/stimuli")
-    SCORES+=("$EVAL/recon_vit3d_vae_${SUBJ}_${KIND}_braindiffuser.json")
-  done
-done
-python tools/evaluate/eval_recon.py \
-  --recons "${RECONS[@]}" \
-  --stimuli "${STIMULI[@]}" \
-  --json "${SCORES[@]}" \
-  --protocol braindiffuser \
-  --clip-model "$TINY/clip_vision" \
-  --device cpu \
-  --quiet > /dev/null
-
-step "18. captions by retrieval from the predicted CLIP embeddings, scored against COCO (shuffled control)"
+step "17. captions by retrieval from the predicted CLIP embeddings, scored against COCO (shuffled control)"
 python tools/evaluate/retrieve_captions.py \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --dataset-root "$DATASET_ROOT" \
@@ -227,7 +210,7 @@ python tools/evaluate/eval_captions.py \
   --json "$EVAL/captions_vit3d_retrieval_avg_coco.json" \
   --quiet
 
-step "19. Brain-LLaVA: the tiny Llama reads the ViT3D's tokens (stage 1: projector; stage 2: projector + LLM)"
+step "18. Brain-LLaVA: the tiny Llama reads the ViT3D's tokens (stage 1: projector; stage 2: projector + LLM)"
 echo "   (brief captions only, to fit the demo's minutes; the ViT3D's last block (-1): with 2 blocks its penultimate"
 echo "   layer is one block from the voxels, and the tiny LLM could not read it: docs/brain_llava_training.md)"
 BRAIN_LLAVA=$DATASET_ROOT/runs/brain_llava
@@ -269,7 +252,7 @@ python -m llava_brain.train \
   --seed "$SEED" \
   --output_dir "$BRAIN_LLAVA/stage2"
 
-step "20. Brain-LLaVA's brief captions from real and from shuffled fMRI, scored against COCO"
+step "19. Brain-LLaVA's brief captions from real and from shuffled fMRI, scored against COCO"
 CAPTIONS=$DATASET_ROOT/runs/captions
 python tools/evaluate/generate_captions_from_llava.py \
   --model "$BRAIN_LLAVA/stage2/final" \
@@ -303,7 +286,77 @@ for CONTROL in real shuffled; do
     --quiet > /dev/null
 done
 
-step "21. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids"
+step "20. Stable unCLIP reconstructions (the tiny unCLIP): the full decoder, w/o LLM (no prompt), w/o VAE (noise start)"
+echo "   (prompts: Brain-LLaVA's brief captions of step 19; beta 0.93; subjects 1 and 2 and 8 denoising steps, to fit"
+echo "   the demo's minutes; scripts/nsd/60_ablations.sh runs these and the beta sweep on every subject)"
+python tools/evaluate/embeds2images.py \
+  --dataset-root "$DATASET_ROOT" \
+  --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
+  --decoder unclip \
+  --model "$TINY/unclip" \
+  --kinds avg \
+  --subject 1 2 \
+  --prompts "$CAPTIONS/brain_llava_avg_real.jsonl" \
+  --prompt-task brief_description \
+  --steps 8 \
+  --batch-size 50 \
+  --label unclip \
+  --device cpu \
+  --quiet
+python tools/evaluate/embeds2images.py \
+  --dataset-root "$DATASET_ROOT" \
+  --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
+  --decoder unclip \
+  --model "$TINY/unclip" \
+  --kinds avg \
+  --subject 1 2 \
+  --no-text \
+  --steps 8 \
+  --batch-size 50 \
+  --label unclip_notext \
+  --device cpu \
+  --quiet
+python tools/evaluate/embeds2images.py \
+  --dataset-root "$DATASET_ROOT" \
+  --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
+  --decoder unclip \
+  --model "$TINY/unclip" \
+  --kinds avg \
+  --subject 1 2 \
+  --prompts "$CAPTIONS/brain_llava_avg_real.jsonl" \
+  --prompt-task brief_description \
+  --no-vae-init \
+  --steps 8 \
+  --batch-size 50 \
+  --label unclip_novae \
+  --device cpu \
+  --quiet
+
+step "21. image metrics of every reconstruction folder (Brain-Diffuser protocol, one call) with shuffled pairs"
+echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one)"
+RECONS=() STIMULI=() SCORES=()
+for SUBJ in subj01 subj02 subj05 subj07; do
+  RECONS+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_avg/recons")
+  STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_avg/stimuli")
+  SCORES+=("$EVAL/recon_vit3d_vae_${SUBJ}_avg_braindiffuser.json")
+done
+for LABEL in unclip unclip_notext unclip_novae; do
+  for SUBJ in subj01 subj02; do
+    RECONS+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/recons")
+    STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/stimuli")
+    SCORES+=("$EVAL/recon_vit3d_${LABEL}_${SUBJ}_avg_braindiffuser.json")
+  done
+done
+python tools/evaluate/eval_recon.py \
+  --recons "${RECONS[@]}" \
+  --stimuli "${STIMULI[@]}" \
+  --json "${SCORES[@]}" \
+  --protocol braindiffuser \
+  --clip-model "$TINY/clip_vision" \
+  --device cpu \
+  --quiet > /dev/null
+
+step "22. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids"
 python tools/evaluate/make_report.py \
   --evals "$EVAL" \
   --out "$DEMO_DIR" \
