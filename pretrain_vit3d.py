@@ -65,6 +65,7 @@ from llava_brain.model.vit3d import ViT3D, ViT3DConfig, active_patch_indices
 from llava_brain.train import (
     Progress,
     StopFlag,
+    adamw,
     has_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -206,7 +207,7 @@ def build_model(args, config: ViT3DConfig, total_steps: int):
     model = ViT3D(config)
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or n in ("pos_embed", "cls_token")]
     decay = [p for n, p in model.named_parameters() if not (p.ndim < 2 or n in ("pos_embed", "cls_token"))]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr
     )
     return model, optimizer, warmup_cosine_scheduler(optimizer, warmup=args.warmup_steps, total=total_steps)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llava_brain.tiny.builders import DEFAULT_SEED, seeded
-from llava_brain.train import warmup_cosine_scheduler
+from llava_brain.train import adamw, warmup_cosine_scheduler
 
 WARMUP_STEPS = 20  # linear warm-up before the cosine decay (fewer when training is shorter)
 
@@ -98,7 +98,7 @@ def train_clip(
     rng = np.random.default_rng(seed)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
     params = [*vision.parameters(), *text.parameters(), log_scale]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine_scheduler(optimizer, warmup=min(WARMUP_STEPS, steps), total=steps)
     labels = torch.arange(batch_size)
     start, loss = time.perf_counter(), torch.tensor(float("nan"))

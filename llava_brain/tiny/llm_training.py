@@ -34,7 +34,7 @@ import torch
 
 from llava_brain.tiny.builders import DEFAULT_SEED, build_llm, seeded
 from llava_brain.tiny.tokenizers import INSTRUCTION_SENTENCES, build_llm_tokenizer, train_byte_bpe
-from llava_brain.train import warmup_cosine_scheduler
+from llava_brain.train import adamw, warmup_cosine_scheduler
 
 WARMUP_STEPS = 20  # linear warm-up before the cosine decay (fewer when training is shorter)
 # The instruction types whose conversations the corpus holds: every type of the SFT data (llava_brain.sft).
@@ -243,7 +243,7 @@ def train_llm(
     if block_size < 2:
         raise ValueError(f"need more than 2 training tokens, got {stream.size}")
     windows = np.arange(block_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adamw(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = warmup_cosine_scheduler(optimizer, warmup=min(WARMUP_STEPS, steps), total=steps)
     losses: list[float] = []
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_brain.tiny.builders import DEFAULT_SEED, seeded
-from llava_brain.train import warmup_cosine_scheduler
+from llava_brain.train import adamw, warmup_cosine_scheduler
 
 WARMUP_STEPS = 50
 MAX_TRAIN_NOISE_LEVEL = 250  # image-embedding noise augmentation in training: levels 0..249 of 1000
@@ -80,7 +80,7 @@ def train_unclip(pipe, latents: torch.Tensor, clip_embeds: torch.Tensor, caption
     empty = len(flat)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(pipe.unet.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = adamw(pipe.unet.parameters(), lr=lr)
     schedule = warmup_cosine_scheduler(optimizer, warmup=min(WARMUP_STEPS, steps), total=steps)
     train_steps = noise_scheduler.config.num_train_timesteps
     start, loss = time.perf_counter(), torch.tensor(float("nan"))

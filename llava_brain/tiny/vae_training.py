@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from llava_brain.tiny.builders import DEFAULT_SEED, seeded
-from llava_brain.train import warmup_cosine_scheduler
+from llava_brain.train import adamw, warmup_cosine_scheduler
 
 WARMUP_STEPS = 20  # linear warm-up before the cosine decay (fewer when training is shorter)
 
@@ -49,7 +49,7 @@ def train_vae(
     low_res = torch.nn.functional.interpolate(images, size=size // 2, mode="area")
     low_steps = round(steps * low_res_fraction)
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    optimizer = adamw(vae.parameters(), lr=lr)
     schedule = warmup_cosine_scheduler(optimizer, warmup=min(WARMUP_STEPS, steps), total=steps)
     start, loss = time.perf_counter(), torch.tensor(float("nan"))
     vae.train()

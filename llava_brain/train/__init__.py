@@ -1,4 +1,5 @@
-"""What every training loop of the project shares: the accelerator, the learning-rate schedule, checkpoints."""
+"""What every training loop of the project shares: the accelerator, the optimizer, the learning-rate schedule,
+checkpoints."""
 
 from llava_brain.train.accel import make_accelerator, mixed_precision_of
 from llava_brain.train.checkpoint import (
@@ -12,11 +13,13 @@ from llava_brain.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from llava_brain.train.optim import adamw
 from llava_brain.train.schedule import warmup_cosine, warmup_cosine_scheduler
 
 __all__ = [
     "Progress",
     "StopFlag",
+    "adamw",
     "has_checkpoint",
     "load_checkpoint",
     "make_accelerator",
