@@ -1,0 +1,90 @@
+"""Ground truth of mini-NSD's response model: where, in a subject's own grid, each feature is encoded.
+
+mini-NSD knows what real fMRI does not: every voxel's read-out of every semantic feature of a scene (the
+shapes, colours, object count, mean size and background of `scenes.semantic_features`) and of the low-level,
+retinotopic term (`brain.image_responses`). A concept map located from a trained model (Grad-CAM over the
+ViT3D) can therefore be compared with the truth.
+
+The encoding strength of feature f in voxel v is the share of v's simulated signal that f drives, times
+how much of v's response is signal at all:
+
+    truth_f(v) = ncsnr_v * sqrt(1 - w_v) * |a_vf| / ||a_v||      (semantic features)
+    truth_low(v) = ncsnr_v * sqrt(w_v)                            (the low-level term)
+
+with a_v the voxel's semantic read-out (`ResponseModel.semantic`), w_v its low-level weight and ncsnr_v its
+noise-ceiling SNR. The sign of a_vf is dropped: a voxel whose response falls with "red" encodes red as much
+as one whose response rises. Colours also reach early visual cortex through the low-level term's colour
+tuning; that part is in truth_low, not in the colour's semantic map. Maps are zero outside the brain mask and
+deterministic for a tree's seed (the anatomy and the model are rebuilt from the same random streams as
+`mini_nsd.write_mini_nsd`, which never depend on the other subjects of the tree).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llava_brain.nsd.constants import VOXEL_SIZE_MM
+from llava_brain.simulate import brain, scenes
+from llava_brain.simulate.mini_nsd import MiniNsdConfig, _rng
+
+LOW_LEVEL = "low_level"
+# The semantic features in the order of scenes.semantic_features (its 18 columns).
+SEMANTIC_FEATURES = (*scenes.SHAPES, *scenes.COLOURS, "count", "size", *scenes.BACKGROUNDS)
+FEATURES = (*SEMANTIC_FEATURES, LOW_LEVEL)
+
+
+@dataclass(frozen=True)
+class SubjectTruth:
+    """A subject's anatomy and response model as mini-NSD built them."""
+
+    subject: int
+    anatomy: brain.Anatomy
+    model: brain.ResponseModel
+
+    def map(self, feature: str) -> np.ndarray:
+        """(X, Y, Z) float32 on the subject's grid: the true encoding strength of `feature` (module docstring)."""
+        if feature not in FEATURES:
+            raise ValueError(f"unknown feature {feature!r}; mini-NSD encodes {', '.join(FEATURES)}")
+        m = self.model
+        if feature == LOW_LEVEL:
+            values = m.ncsnr * np.sqrt(m.low_weight)
+        else:
+            readout = np.abs(m.semantic[:, SEMANTIC_FEATURES.index(feature)])
+            share = readout / (np.linalg.norm(m.semantic, axis=1) + 1e-12)
+            values = m.ncsnr * np.sqrt(1.0 - m.low_weight) * share
+        volume = np.zeros(self.anatomy.grid, np.float32)
+        volume[self.anatomy.brain] = values
+        return volume
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The (4, 4) voxel-to-mm affine of the subject's NIfTI files."""
+        return self.anatomy.affine
+
+
+def subject_truth(config: MiniNsdConfig, subject: int) -> SubjectTruth:
+    """Rebuild subject `subject`'s anatomy and response model of a tree written with `config`."""
+    if subject not in config.subjects:
+        raise ValueError(f"subject {subject} is not in this mini-NSD tree (subjects {list(config.subjects)})")
+    grid = config.grid(subject)
+    anat_rng, model_rng = (_rng(config.seed, k, subject) for k in (10, 11))
+    anatomy = brain.build_anatomy(anat_rng, grid, VOXEL_SIZE_MM / config.grid_scale)
+    model = brain.build_response_model(model_rng, anatomy, len(SEMANTIC_FEATURES), config.snr_range)
+    return SubjectTruth(subject, anatomy, model)
+
+
+def tree_config(nsd_root: str | Path) -> MiniNsdConfig:
+    """The MiniNsdConfig a mini-NSD tree was written with, from the run.json make_mini_nsd.py put beside it."""
+    path = Path(nsd_root) / "run.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; only a tree written by prepare_datasets/make_mini_nsd.py "
+                                "has a ground truth")  # fmt: skip
+    args = json.loads(path.read_text())["arguments"]
+    return MiniNsdConfig(subjects=tuple(args["subject"]), sessions=args["sessions"], seed=args["seed"],
+                         num_shared=args["num_shared"], images_per_subject=args["images_per_subject"],
+                         trials_per_session=args["trials_per_session"], grid_scale=args["grid_scale"],
+                         nifti_subjects=tuple(args["nifti_subjects"]), snr_range=tuple(args["snr"]))  # fmt: skip

@@ -1,0 +1,85 @@
+"""llava_brain.simulate.truth: mini-NSD's true encoding maps describe what its simulated responses depend on,
+sit on the subject's grid inside its brain mask, and are rebuilt exactly from a written tree's seed."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from llava_brain.layout import NsdTree
+from llava_brain.simulate import MiniNsdConfig, brain, write_mini_nsd
+from llava_brain.simulate.truth import FEATURES, LOW_LEVEL, SEMANTIC_FEATURES, subject_truth, tree_config
+
+CONFIG = MiniNsdConfig(subjects=(1, 2), seed=3)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    return subject_truth(CONFIG, 1)
+
+
+def _feature_sensitivity(truth, feature: int, rng) -> np.ndarray:
+    """(V,) |Pearson r| over images between the simulated signal of each brain voxel and semantic feature
+    `feature`, all other features and the thumbnails random: an independent read-out of the encoding."""
+    n = 2000
+    semantic = rng.random((n, len(SEMANTIC_FEATURES))).astype(np.float32)
+    thumbs = rng.random((n, brain.RF_GRID, brain.RF_GRID, 3)).astype(np.float32)
+    signal = brain.image_responses(truth.model, thumbs, semantic) * truth.model.ncsnr  # signal in noise units
+    f = (semantic[:, feature] - semantic[:, feature].mean()) / semantic[:, feature].std()
+    return np.abs(f @ signal / n)  # signal has unit variance per voxel before the ncsnr factor
+
+
+def test_semantic_maps_predict_each_features_influence(truth):
+    rng = np.random.default_rng(0)
+    brain_mask = truth.anatomy.brain
+    for name in ("red", "circle", "sky-blue"):
+        k = SEMANTIC_FEATURES.index(name)
+        measured = _feature_sensitivity(truth, k, rng)
+        own = spearmanr(truth.map(name)[brain_mask], measured).statistic
+        others = [spearmanr(truth.map(o)[brain_mask], measured).statistic
+                  for o in SEMANTIC_FEATURES if o != name]  # fmt: skip
+        assert own > 0.75, (name, own)  # measured 0.82-0.86 with this seed
+        assert own > max(others) + 0.15, (name, own, max(others))  # the shared SNR factor: others ~0.6
+
+
+def test_low_level_map_is_early_visual_cortex(truth):
+    low = truth.map(LOW_LEVEL)
+    early = truth.anatomy.streams == 1
+    ventral = truth.anatomy.streams == 5
+    assert low[early].mean() > 2 * low[ventral].mean() > 0
+    # and the semantic maps the other way round
+    assert truth.map("circle")[ventral].mean() > 2 * truth.map("circle")[early].mean()
+
+
+def test_maps_live_on_the_subjects_grid_and_brain(truth):
+    for name in FEATURES:
+        volume = truth.map(name)
+        assert volume.shape == CONFIG.grid(1) and volume.dtype == np.float32
+        assert np.all(volume[~truth.anatomy.brain] == 0) and np.all(volume >= 0)
+    with pytest.raises(ValueError, match="unknown feature 'banana'"):
+        truth.map("banana")
+    with pytest.raises(ValueError, match="not in this mini-NSD tree"):
+        subject_truth(CONFIG, 5)
+
+
+def test_rebuilt_from_a_written_tree(tmp_path, truth):
+    import json
+
+    root = tmp_path / "mini"
+    config = MiniNsdConfig(subjects=(1,), seed=3, sessions=1, images_per_subject=50, num_shared=10,
+                           trials_per_session=50)  # fmt: skip
+    write_mini_nsd(root, config, progress=False)
+    args = {"subject": [1], "sessions": 1, "seed": 3, "num_shared": 10, "images_per_subject": 50,
+            "trials_per_session": 50, "grid_scale": config.grid_scale, "nifti_subjects": [1],
+            "snr": list(config.snr_range)}  # fmt: skip
+    (root / "run.json").write_text(json.dumps({"arguments": args}))  # as make_mini_nsd.py writes it
+    rebuilt = subject_truth(tree_config(root), 1)
+    mask = nib.load(NsdTree(root).brainmask(1))
+    np.testing.assert_array_equal(np.asarray(mask.dataobj) > 0, rebuilt.anatomy.brain)
+    np.testing.assert_allclose(mask.affine, rebuilt.affine)
+    # the anatomy and model streams do not depend on the tree's other settings or subjects
+    np.testing.assert_array_equal(rebuilt.map("red"), truth.map("red"))
+    with pytest.raises(FileNotFoundError, match=r"run\.json: missing"):
+        tree_config(tmp_path)
