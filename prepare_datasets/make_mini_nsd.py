@@ -109,17 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = cli.parse_args(parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = MiniNsdConfig(
-        subjects=tuple(args.subject),
-        sessions=args.sessions,
-        seed=args.seed,
-        num_shared=args.num_shared,
-        images_per_subject=args.images_per_subject,
-        trials_per_session=args.trials_per_session,
-        grid_scale=args.grid_scale,
-        nifti_subjects=tuple(args.nifti_subjects),
-        snr_range=tuple(args.snr),
-    )
+    cfg = MiniNsdConfig.from_arguments(vars(args))
     try:
         cfg.validate()
     except ValueError as err:

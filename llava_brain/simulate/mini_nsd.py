@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,10 +73,27 @@ class MiniNsdConfig:
     def grid(self, subject: int) -> tuple[int, int, int]:
         return tuple(max(8, round(n * self.grid_scale)) for n in GRID_FUNC1PT8MM[subject])
 
+    @classmethod
+    def from_arguments(cls, args: Mapping) -> MiniNsdConfig:
+        """The config of make_mini_nsd.py's arguments (its argparse namespace as a dict, or the "arguments" of
+        the run.json it writes beside a tree)."""
+        return cls(subjects=tuple(args["subject"]), sessions=args["sessions"], seed=args["seed"],
+                   num_shared=args["num_shared"], images_per_subject=args["images_per_subject"],
+                   trials_per_session=args["trials_per_session"], grid_scale=args["grid_scale"],
+                   nifti_subjects=tuple(args["nifti_subjects"]), snr_range=tuple(args["snr"]))  # fmt: skip
+
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
     """Independent, reproducible random stream per (seed, component, subject)."""
     return np.random.default_rng([seed, *stream])
+
+
+def subject_brain(cfg: MiniNsdConfig, subject: int) -> tuple[brain.Anatomy, brain.ResponseModel]:
+    """A subject's anatomy and response model. Their random streams are (seed, component, subject): the same
+    subject gets the same brain whatever the tree's other subjects or settings but seed, grid and SNR."""
+    anat = brain.build_anatomy(_rng(cfg.seed, 10, subject), cfg.grid(subject), VOXEL_SIZE_MM / cfg.grid_scale)
+    model = brain.build_response_model(_rng(cfg.seed, 11, subject), anat, len(scenes.FEATURE_NAMES), cfg.snr_range)
+    return anat, model
 
 
 @dataclass
@@ -169,9 +186,8 @@ def _write_subject(tree, cfg, subject, design, thumbs, semantic, num_sessions, p
 
     grid = cfg.grid(subject)
     voxel_mm = VOXEL_SIZE_MM / cfg.grid_scale  # same physical head size as NSD, coarser voxels
-    anat_rng, model_rng, noise_rng = (_rng(cfg.seed, k, subject) for k in (10, 11, 12))
-    anat = brain.build_anatomy(anat_rng, grid, voxel_mm)
-    model = brain.build_response_model(model_rng, anat, semantic.shape[1], cfg.snr_range)
+    anat, model = subject_brain(cfg, subject)
+    noise_rng = _rng(cfg.seed, 12, subject)
 
     def save_volume(path: Path, data: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

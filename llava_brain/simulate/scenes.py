@@ -179,10 +179,14 @@ def captions(scene: Scene) -> list[str]:
     ]
 
 
+# The columns of semantic_features, in order.
+FEATURE_NAMES = (*SHAPES, *COLOURS, "count", "size", *BACKGROUNDS)
+
+
 def semantic_features(scene: Scene) -> np.ndarray:
     """(18,) what a 'ventral' voxel can respond to: shapes, colours, count, size, background."""
     visible = scene.visible_objects()
-    vec = np.zeros(len(SHAPES) + len(COLOURS) + 2 + len(BACKGROUNDS), dtype=np.float32)
+    vec = np.zeros(len(FEATURE_NAMES), dtype=np.float32)
     for obj in visible:
         vec[SHAPES.index(obj.shape)] = 1.0
         vec[len(SHAPES) + list(COLOURS).index(obj.colour)] = 1.0

@@ -15,8 +15,8 @@ with a_v the voxel's semantic read-out (`ResponseModel.semantic`), w_v its low-l
 noise-ceiling SNR. The sign of a_vf is dropped: a voxel whose response falls with "red" encodes red as much
 as one whose response rises. Colours also reach early visual cortex through the low-level term's colour
 tuning; that part is in truth_low, not in the colour's semantic map. Maps are zero outside the brain mask and
-deterministic for a tree's seed (the anatomy and the model are rebuilt from the same random streams as
-`mini_nsd.write_mini_nsd`, which never depend on the other subjects of the tree).
+deterministic for a tree's seed (`mini_nsd.subject_brain` builds the anatomy and the model, for
+`write_mini_nsd` and here alike).
 """
 
 from __future__ import annotations
@@ -27,13 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_brain.nsd.constants import VOXEL_SIZE_MM
 from llava_brain.simulate import brain, scenes
-from llava_brain.simulate.mini_nsd import MiniNsdConfig, _rng
+from llava_brain.simulate.mini_nsd import MiniNsdConfig, subject_brain
 
 LOW_LEVEL = "low_level"
-# The semantic features in the order of scenes.semantic_features (its 18 columns).
-SEMANTIC_FEATURES = (*scenes.SHAPES, *scenes.COLOURS, "count", "size", *scenes.BACKGROUNDS)
+SEMANTIC_FEATURES = scenes.FEATURE_NAMES  # the 18 columns of scenes.semantic_features
 FEATURES = (*SEMANTIC_FEATURES, LOW_LEVEL)
 
 
@@ -70,10 +68,7 @@ def subject_truth(config: MiniNsdConfig, subject: int) -> SubjectTruth:
     """Rebuild subject `subject`'s anatomy and response model of a tree written with `config`."""
     if subject not in config.subjects:
         raise ValueError(f"subject {subject} is not in this mini-NSD tree (subjects {list(config.subjects)})")
-    grid = config.grid(subject)
-    anat_rng, model_rng = (_rng(config.seed, k, subject) for k in (10, 11))
-    anatomy = brain.build_anatomy(anat_rng, grid, VOXEL_SIZE_MM / config.grid_scale)
-    model = brain.build_response_model(model_rng, anatomy, len(SEMANTIC_FEATURES), config.snr_range)
+    anatomy, model = subject_brain(config, subject)
     return SubjectTruth(subject, anatomy, model)
 
 
@@ -83,8 +78,4 @@ def tree_config(nsd_root: str | Path) -> MiniNsdConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; only a tree written by prepare_datasets/make_mini_nsd.py "
                                 "has a ground truth")  # fmt: skip
-    args = json.loads(path.read_text())["arguments"]
-    return MiniNsdConfig(subjects=tuple(args["subject"]), sessions=args["sessions"], seed=args["seed"],
-                         num_shared=args["num_shared"], images_per_subject=args["images_per_subject"],
-                         trials_per_session=args["trials_per_session"], grid_scale=args["grid_scale"],
-                         nifti_subjects=tuple(args["nifti_subjects"]), snr_range=tuple(args["snr"]))  # fmt: skip
+    return MiniNsdConfig.from_arguments(json.loads(path.read_text())["arguments"])
