@@ -271,6 +271,10 @@ class DatasetRoot:
         folder = self.run_dir("recons", f"{run}_{decoder}")
         return folder if subject is None else folder / f"{subject_name(subject)}_{kind}"
 
+    def concepts(self, run: str) -> Path:
+        """Concept maps located with ViT3D run `run` (locate_concepts.py): <root>/runs/concepts/<run>."""
+        return self.run_dir("concepts", run)
+
     def generated_texts(self, run: str) -> Path:
         """Texts generated for test samples (retrieve_captions.py, later the LLM): <root>/runs/captions/<run>.jsonl."""
         return self.run_dir("captions") / f"{run}.jsonl"

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+
 from mini_chain import brain_llava, mini_chain, run
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from mini_chain import brain_llava, mini_chain, run
 
 

@@ -17,6 +17,9 @@ recursively, and writes `report.md` and `report.json` into --out:
   differ only in --beta, at least 3 values; llava_brain.evaluation.beta_sweep): PixCorr and CLIP two-way
   identification against β beside shuffled pairs, drawn as report_grids/beta_sweep_<protocol>_<kind>.png
   with its numbers as a table.
+- Concept localization (eval_concepts.py): per located concept, the zeroing check (score drop for the
+  located vs random voxels, Wilcoxon p) and on mini-NSD the agreement with the true encoding map, with the mean
+  map's slice montage copied into report_grids/concept_<subject>_<kind>_<concept>.png.
 - The grids (stimulus | reconstruction; unCLIP: stimulus | low-level VAE decode | reconstruction) of each
   reconstruction folder that was scored, copied beside the report so that report.md shows them wherever it
   is moved.
@@ -76,14 +79,14 @@ def collect(paths: list[Path]) -> dict[str, list[dict]]:
                 continue
             data = read_json(file, "an evaluation result")
             kind = data.get("evaluation") if isinstance(data, dict) else None
-            if kind in ("retrieval", "recon", "captions"):
+            if kind in ("retrieval", "recon", "captions", "concepts"):
                 found[kind].append({**data, "source": str(file)})
             elif path == file:
                 raise BadInputError(file, "is not an evaluation result (no 'evaluation' key of retrieval, "
-                                          "recon or captions)")  # fmt: skip
+                                          "recon, captions or concepts)")  # fmt: skip
     if not found:
-        raise BadInputError(paths[0], "holds no evaluation results (eval_retrieval.py, eval_recon.py or "
-                                      "eval_captions.py --json outputs)")  # fmt: skip
+        raise BadInputError(paths[0], "holds no evaluation results (eval_retrieval.py, eval_recon.py, "
+                                      "eval_captions.py or eval_concepts.py --json outputs)")  # fmt: skip
     return found
 
 
@@ -267,6 +270,46 @@ def beta_sweep_section(results: list[dict], out: Path) -> tuple[list[str], list[
     return lines, sweeps
 
 
+def _f(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def concepts_section(results: list[dict], out: Path) -> tuple[list[str], list[dict]]:
+    """One row per located concept: zeroing check and (mini-NSD) ground-truth agreement; montages copied."""
+    rows, pictures, kept = [], [], []
+    for result in results:
+        for row in result.get("rows", []):
+            kept.append(row)
+            truth, ablation = row.get("truth") or {}, row.get("ablation") or {}
+            own, rnd = truth.get("own", {}), truth.get("random", {})
+            rows.append([subject_name(row["subject"]), row["concept"], str(row["samples"]),
+                         f"{_f(ablation.get('drop_located'), '+.4f')} / {_f(ablation.get('drop_random'), '+.4f')}",
+                         _f(ablation.get("wilcoxon_p"), ".2g"), _f(own.get("spearman"), "+.3f"),
+                         _f(truth.get("others_max", {}).get("spearman"), "+.3f"), _f(rnd.get("spearman_p95"), "+.3f"),
+                         f"{truth['rank']}/{len(truth['per_feature'])}" if truth else "n/a",
+                         f"{_f(own.get('top_overlap'), '.2f')} ({_f(truth.get('top_fraction'), '.2f')})"])  # fmt: skip
+            montage = Path(row.get("montage", ""))
+            if montage.is_file():
+                name = f"concept_{subject_name(row['subject'])}_{row['kind']}_{Path(row['folder']).name}.png"
+                (out / GRIDS).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(montage, out / GRIDS / name)
+                pictures.append((f"{subject_name(row['subject'])} {row['concept']!r}", f"{GRIDS}/{name}"))
+    if not rows:
+        return [], []
+    header = ["subject", "concept", "samples", "zeroing drop: located / random", "p", "truth rho", "max other",
+              "random 95%", "rank", "top overlap (chance)"]  # fmt: skip
+    lines = ["## Concept localization", "",
+             "Grad-CAM of the ViT3D's CLIP head towards the concept's CLIP text embedding (tools/evaluate/"
+             "locate_concepts.py). Zeroing: the drop of the concept score when the map's top voxels are set to 0, "
+             "against as many random voxels of the same region (one-sided Wilcoxon p). Truth (mini-NSD only): "
+             "Spearman's rho of the mean map with the true encoding map of the concept, the best rho among the "
+             "other features' true maps, random maps' 95th percentile, the concept's rank among all features, "
+             "and the top-voxel overlap with its chance level.", "", _markdown(header, rows)]  # fmt: skip
+    for title, path in pictures:
+        lines += ["", f"{title}, mean map:", "", f"![{title}]({path})"]
+    return lines, kept
+
+
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(build_parser(), argv)
@@ -290,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     if found.get("captions"):
         section, report["table1"] = captioning_section(found["captions"])
         lines += ["", *section]
+    if found.get("concepts"):
+        section, report["concepts"] = concepts_section(found["concepts"], args.out)
+        lines += ["", *section] if section else []
     if found.get("recon"):
         section, report["grids"] = grids_section(found["recon"], args.out)
         lines += ["", *section] if section else []

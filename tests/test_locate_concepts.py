@@ -1,0 +1,122 @@
+"""tools/evaluate/locate_concepts.py on the shared small chain (tests/mini_chain.py): the files it writes (NIfTI on the
+subject's grid with its affine, montages, JSON), reruns, Brain-LLaVA as the concept source, and the errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_brain.annotations import read_captions
+from llava_brain.evaluation.concepts import mentions
+from llava_brain.layout import DatasetRoot
+from llava_brain.subjects import sample_index
+
+from conftest import load_script
+from mini_chain import brain_llava, mini_chain
+from stage_checks import error_line, hidden_leftovers
+
+locate = load_script("tools/evaluate/locate_concepts.py")
+
+
+def _argv(chain, out, *extra):
+    return ["--model", str(chain["vit3d"]), "--clip-text", str(chain["tiny"] / "clip_text"), "--dataset-root",
+            str(chain["root"]), "--subject", "1", "--device", "cpu", "--out", str(out), "--quiet", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def located(tmp_path_factory):
+    chain = mini_chain(tmp_path_factory)
+    out = tmp_path_factory.mktemp("concepts") / "maps"
+    assert locate.main(_argv(chain, out, "--concept", "red")) == 0
+    return chain, out
+
+
+def test_maps_lie_on_the_subjects_grid_with_its_affine_and_zero_outside_the_brain(located):
+    chain, out = located
+    layout = DatasetRoot(chain["root"])
+    meta = json.loads(layout.whole_meta(1).read_text())
+    with np.load(layout.whole_masks(1)) as masks:
+        brain = masks["brain"].astype(bool)
+    folder = out / "subj01_avg" / "red"
+    index = json.loads((folder / "index.json").read_text())
+    captions = read_captions(layout.coco_captions)
+    named = [n for n in sample_index(layout, 1, "te").nsd_ids if mentions(captions[int(n)], "red")]
+    assert sorted(s["nsd_id"] for s in index["samples"]) == sorted({int(n) for n in named})  # --samples containing
+    for name in ["mean", *(f"maps/{s['sample']}" for s in index["samples"][:2])]:
+        image = nib.load(folder / f"{name}.nii.gz")
+        volume = np.asarray(image.get_fdata())
+        assert volume.shape == tuple(meta["grid"]) == brain.shape
+        np.testing.assert_allclose(image.affine, np.asarray(meta["affine"]), atol=1e-5)
+        assert (volume[~brain] == 0).all() and volume[brain].max() > 0
+        assert Image.open(folder / f"{name}.png").mode == "RGB"
+        info = json.loads((folder / f"{name}.json").read_text())
+        assert sum(info["roi_share"].values()) == pytest.approx(1.0)
+        assert all(brain[tuple(v["voxel"])] for v in info["top_voxels"]) and len(info["top_voxels"]) == 20
+        assert info["top_voxels"][0]["value"] == pytest.approx(volume.max(), rel=1e-5)
+    assert hidden_leftovers(out / "subj01_avg") == []
+
+
+def test_zeroing_the_located_voxels_lowers_the_concept_score_more_than_random_voxels(located):
+    """The paper's Fig. 8 check on the chain's 1-subject ViT3D (its test images that show red; 4 random draws
+    each): measured drop 0.017 vs -0.004, Wilcoxon p 0.0003 (docs/concepts.md)."""
+    _, out = located
+    ablation = json.loads((out / "subj01_avg" / "red" / "ablation.json").read_text())
+    assert ablation["zeroed_voxels"] == round(0.1 * ablation["region_voxels"]) and ablation["samples"] >= 10
+    assert ablation["drop_located"] > ablation["drop_random"] + 0.005
+    assert ablation["wilcoxon_p"] < 0.05
+
+
+def test_a_rerun_keeps_finished_maps_and_other_settings_need_overwrite(located, capsys):
+    chain, out = located
+    argv = _argv(chain, out, "--concept", "red")
+    stamp = (out / "subj01_avg" / "red" / "mean.nii.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert locate.main(argv) == 0
+    assert "current, kept" in capsys.readouterr().out
+    assert (out / "subj01_avg" / "red" / "mean.nii.gz").stat().st_mtime_ns == stamp
+    assert locate.main([*argv, "--layers", "-1"]) == 2
+    line = error_line(capsys)
+    assert "setting layers" in line and "--overwrite" in line
+
+
+def test_brain_llavas_answer_is_the_text_located(tmp_path_factory, tmp_path):
+    chain, built = mini_chain(tmp_path_factory), brain_llava(tmp_path_factory)
+    out = tmp_path / "maps"
+    argv = _argv(chain, out, "--concept", "circle", "--max-samples", "3", "--no-ablation", "--no-sample-files",
+                 "--from-llava", str(built["model"]))  # fmt: skip
+    assert locate.main(argv) == 0
+    index = json.loads((out / "subj01_avg" / "circle" / "index.json").read_text())
+    assert len(index["samples"]) == 3 and all(s["text"] for s in index["samples"])
+    assert not (out / "subj01_avg" / "circle" / "maps").exists() and not (out / "subj01_avg" / "circle" /
+                                                                           "ablation.json").exists()  # fmt: skip
+
+
+def _not_a_vit3d(chain, tmp_path):
+    fake = tmp_path / "fake"
+    shutil.copytree(chain["vit3d"], fake, ignore=shutil.ignore_patterns("checkpoint"))
+    config = json.loads((fake / "final" / "config.json").read_text())
+    config["model_type"], config["clip_dim"] = "llama", None
+    (fake / "final" / "config.json").write_text(json.dumps(config))
+    return ["--model", str(fake)], str(fake / "final" / "config.json")
+
+
+@pytest.mark.parametrize("case", ["llava folder", "no fmri", "no clip head", "no sample names it"])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path_factory, tmp_path, capsys):
+    chain = mini_chain(tmp_path_factory)
+    out = tmp_path / "maps"
+    argv, expect = {
+        "llava folder": (["--from-llava", str(tmp_path / "nowhere")], str(tmp_path / "nowhere" / "config.json")),
+        "no fmri": (["--nsd-ids", "99999999"], "has no te fMRI of nsdId [99999999]"),
+        "no clip head": _not_a_vit3d(chain, tmp_path),
+        "no sample names it": (["--concept", "zebra"], "name 'zebra'"),
+    }[case]
+    concept = [] if "--concept" in argv else ["--concept", "red"]
+    assert locate.main([*_argv(chain, out, *concept), *argv]) == 2
+    line = error_line(capsys)
+    assert expect in line and "\n" not in line.strip()
+    assert not out.exists() or not any(out.rglob("*.nii.gz"))

@@ -1,0 +1,360 @@
+"""Locate concepts in the brain (paper Sec. 4.4, Fig. 8): Grad-CAM of the ViT3D's CLIP head towards a concept's
+CLIP text embedding, mapped onto each subject's own voxel grid, with the zeroing check of Fig. 8.
+
+For every --subject, --kind and --concept, over the test samples whose COCO captions name the concept
+(--samples containing, the default) or all of them: the concept's text embedding (--clip-text, the text tower
+of the CLIP whose image embeddings the ViT3D predicts; --template) is the target of the CLIP head, and
+Grad-CAM over the patch tokens of --layers (default -2, the penultimate layer) gives a map per sample,
+taken back through the token gather, the padding and the trilinear resize onto the subject's grid, 0 outside
+its brain mask (llava_brain/evaluation/concepts.py). --ensemble adds ViT3Ds of other patch sizes: each
+sample's maps are scaled to a maximum of 1 and averaged. --from-llava asks a Brain-LLaVA, per sample,
+`Locating the concept of "<concept>"` and locates its answer instead of the concept itself.
+
+Ablation (unless --no-ablation): the top --ablate-fraction of the region's voxels (--region, default the
+area the model's tokens cover) in each sample's map are set to 0 and the --model is run again; the drop of
+the concept's cosine similarity is compared with zeroing as many random voxels of the region
+(--ablate-repeats draws per sample), as means and a one-sided Wilcoxon signed-rank test over the samples.
+
+Writes <out>/subjXX_<kind>/<concept>/ (default <root>/runs/concepts/<model folder name>/), built under a
+hidden name and swapped in whole, run.json last:
+  maps/<sample>.nii.gz   the map on the subject's grid with its affine (float32), one per sample
+  maps/<sample>.png      axial-slice montage of the map over the subject's mean volume
+  maps/<sample>.json     concept text, score, top voxels (voxel index, mm, value), share per streams ROI
+  mean.nii.gz / .png / .json   the same for the mean of the samples' scaled maps
+  ablation.json          the zeroing check; index.json: the samples, their concept texts and scores
+A rerun skips finished folders; other settings are refused unless --overwrite.
+
+Full scale (ViT3Ds of patch 14, 12, 10 from scripts/nsd/70_concepts.sh; one GPU, minutes per concept):
+  python tools/evaluate/locate_concepts.py --model /data/brain/runs/vit3d \\
+      --ensemble /data/brain/runs/vit3d_p12 /data/brain/runs/vit3d_p10 \\
+      --clip-text openai/clip-vit-large-patch14 --dataset-root /data/brain --subject 1 \\
+      --concept dog surfboard --device cuda
+Tiny (demo root, CPU, seconds):
+  python tools/evaluate/locate_concepts.py --model demo_out/root/runs/vit3d_concepts \\
+      --clip-text demo_out/tiny_models/clip_text --dataset-root demo_out/root --subject 1 --concept red blue \\
+      --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llava_brain import cli, runtime
+from llava_brain.errors import BadInputError, exits_on_bad_input, require_file
+from llava_brain.evaluation.predictions import KINDS, prediction_samples
+from llava_brain.io import StageRun, read_json, require_writable, staged_folder, write_bytes, write_json
+from llava_brain.layout import DatasetRoot, subject_name
+from llava_brain.subjects import sample_index
+
+SPLIT = "te"
+ROIS = ("early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal")  # streams atlas
+
+
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, add_help=add_help,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    # Models
+    p.add_argument("--model", type=Path, required=True,
+                   help="a pretrain_vit3d.py --out folder: its CLIP head is scored, mapped and ablated")  # fmt: skip
+    p.add_argument("--ensemble", type=Path, nargs="+", default=[],
+                   help="more pretrain_vit3d.py folders (other patch sizes) whose maps are averaged with "
+                   "--model's (paper: patch 14, 12, 10)")  # fmt: skip
+    p.add_argument(
+        "--clip-text",
+        required=True,
+        help="CLIPTextModelWithProjection folder (or hub id) of the CLIP the ViT3D's targets come from",
+    )
+    p.add_argument("--from-llava", type=lambda v: Path(v) if v else None, default=None,
+                   help="a Brain-LLaVA folder: per sample, its greedy answer to 'Locating the concept of "
+                   "\"<concept>\"' is the text located (default, or empty: the concept itself)")  # fmt: skip
+    # Data
+    cli.add_dataset_root(p, "prepared dataset root (nsd/fmris/: the test betas and masks; COCO captions)")
+    cli.add_subject(p, default=None, help="subject numbers, or 'all' (default: the model's subjects)")
+    p.add_argument("--kind", choices=KINDS, default="avg", help="avg = repeats averaged (default), single = first")
+    p.add_argument("--concept", nargs="+", required=True,
+                   help="concepts to locate (words or short phrases, e.g. red circle dog)")  # fmt: skip
+    p.add_argument(
+        "--samples",
+        choices=["containing", "all"],
+        default="containing",
+        help="containing = test samples whose COCO captions name the concept (default); all",
+    )
+    p.add_argument("--nsd-ids", type=int, nargs="+", default=None,
+                   help="only these test images (nsdId), e.g. to map one picture")  # fmt: skip
+    p.add_argument("--max-samples", type=int, default=None, help="at most this many samples per concept")
+    # Method
+    p.add_argument(
+        "--template",
+        default="{}",
+        help="text around the concept for the CLIP text tower ({} = the concept; default '{}')",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=[-2],
+        help="hidden states Grad-CAM reads (0 = patch embeddings, -1 = last block; default -2)",
+    )
+    p.add_argument("--top-voxels", type=int, default=20, help="voxels listed per map JSON (default 20)")
+    p.add_argument(
+        "--region", default=None, help="mask of whole/masks.npz where voxels are zeroed (default: the model's --area)"
+    )
+    p.add_argument(
+        "--ablate-fraction",
+        type=float,
+        default=0.1,
+        help="share of the region's voxels zeroed in the ablation (default 0.1)",
+    )
+    p.add_argument("--ablate-repeats", type=int, default=4, help="random draws per sample in the control (4)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the zeroing check")
+    p.add_argument("--no-sample-files", action="store_true", help="write the mean map only, not one per sample")
+    p.add_argument("--batch-size", type=int, default=16, help="volumes per Grad-CAM pass (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the ablation's random voxels (default 0)")
+    cli.add_device(p)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default <root>/runs/concepts/<model>)")
+    cli.add_overwrite(p, "redo concept folders that exist, even ones made with other settings")
+    cli.add_quiet(p)
+    return p
+
+
+def slug(concept: str) -> str:
+    """A folder name for a concept: lower case, runs of other characters as '_'."""
+    return re.sub(r"[^a-z0-9]+", "_", concept.lower()).strip("_") or "concept"
+
+
+def load_vit3d(folder: Path, device: str):
+    """(Vit3dRun, model) of a pretrain_vit3d.py folder; one that is not a ViT3D with a CLIP head is refused."""
+    from llava_brain.evaluation.encoders import Vit3dRun
+
+    run = Vit3dRun.load(folder)
+    config = read_json(run.final / "config.json", "the ViT3D config (final/config.json)")
+    if config.get("model_type") != "vit3d" or not config.get("clip_dim"):
+        raise BadInputError(run.final / "config.json", "is not a ViT3D with a CLIP head (model_type vit3d, clip_dim)")
+    return run, run.model(device)
+
+
+def write_map(folder: Path, name: str, volume: np.ndarray, info: dict, subject_data: dict, top: int) -> None:
+    """<name>.nii.gz, <name>.png and <name>.json of one map on the subject's grid."""
+    import nibabel as nib
+
+    from llava_brain.evaluation.concepts import roi_shares, top_voxels
+    from llava_brain.evaluation.montage import montage
+
+    affine = subject_data["affine"]
+    image = nib.Nifti1Image(volume.astype(np.float32), affine)
+    image.header.set_xyzt_units("mm")
+    write_bytes(folder / f"{name}.nii.gz", gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
+    picture = montage(subject_data["mean"], volume, subject_data["brain"])
+    picture.save(folder / f"{name}.png")
+    write_json(folder / f"{name}.json", {**info, "top_voxels": top_voxels(volume, affine, top),
+                                         "roi_share": roi_shares(volume, subject_data["rois"])})  # fmt: skip
+
+
+def subject_data(layout: DatasetRoot, subject: int, region: str) -> dict:
+    """The subject's brain mask, ROI masks, region, affine and mean volume (the montage's background)."""
+    meta = read_json(layout.whole_meta(subject), "make_subjmri.py's whole-brain metadata (grid, affine)")
+    path = require_file(layout.whole_masks(subject), "the whole-brain masks (masks.npz) of make_subjmri.py")
+    with np.load(path) as masks:
+        for name in ("brain", region):
+            if name not in masks.files:
+                raise BadInputError(path, f"has no mask {name!r}; it has {sorted(masks.files)}")
+        data = {"brain": masks["brain"].astype(bool), "region": masks[region].astype(bool),
+                "rois": {r: masks[r].astype(bool) for r in ROIS if r in masks.files}}  # fmt: skip
+    mean = np.load(require_file(layout.whole_stats(subject, "mean"), "the whole-brain mean betas of make_subjmri.py"))
+    data["mean"] = np.asarray(mean, dtype=np.float32)
+    data["affine"] = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+    return data
+
+
+class Locator:
+    """The loaded models (the scored ViT3D, the ensemble, the CLIP text tower, optionally a Brain-LLaVA)."""
+
+    def __init__(self, args: argparse.Namespace):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        self.args, self.device = args, cli.resolve_device(args.device)
+        self.runs = [load_vit3d(folder, self.device) for folder in [args.model, *args.ensemble]]
+        self.run, self.model = self.runs[0]
+        self.text_model = CLIPTextModelWithProjection.from_pretrained(args.clip_text).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(args.clip_text)
+        width = self.text_model.config.projection_dim
+        for run, model in self.runs:
+            if model.config.clip_dim != width:
+                raise BadInputError(run.final / "config.json",
+                                    f"predicts {model.config.clip_dim}-d CLIP embeddings, but --clip-text "
+                                    f"{args.clip_text} embeds text in {width} dimensions")  # fmt: skip
+        self.llava = None
+        if args.from_llava is not None:
+            from llava_brain.model import load_brain_llava
+
+            require_file(Path(args.from_llava) / "config.json", "a Brain-LLaVA folder (train's final/)")
+            self.llava = load_brain_llava(args.from_llava, device=self.device)
+
+    def concept_texts(self, concept: str, samples: list, layout: DatasetRoot) -> list[str]:
+        """The text located for each sample: the concept, or Brain-LLaVA's answer about that sample's fMRI."""
+        if self.llava is None:
+            return [concept] * len(samples)
+        from llava_brain.evaluation import generation as gen
+
+        model, processor = self.llava
+        prompt = gen.chat_prompt(processor, gen.task_question("concept_localization", concept=concept))
+        kwargs = gen.generation_kwargs(16, do_sample=False)
+        texts = []
+        for start in range(0, len(samples), self.args.batch_size):
+            batch = samples[start : start + self.args.batch_size]
+            texts += gen.generate_texts(model, processor, [prompt] * len(batch), batch, layout.root, **kwargs)
+        return [t or concept for t in texts]  # an empty answer falls back to the concept asked about
+
+    def maps(self, betas, samples, path: Path, targets, brain: np.ndarray, bar) -> tuple[np.ndarray, np.ndarray]:
+        """(maps (n, *brain.shape) on the subject's grid, each model's map scaled to max 1 and averaged;
+        scores (n,) of the scored model)."""
+        import torch
+
+        from llava_brain.evaluation import concepts
+        from llava_brain.evaluation.encoders import prepared_volumes
+
+        per_model, scores = [], None
+        for k, (_, model) in enumerate(self.runs):
+            grid, maps, found = tuple(model.config.grid), [], []
+            for start in range(0, len(samples), self.args.batch_size):
+                batch = samples[start : start + self.args.batch_size]
+                volumes = torch.from_numpy(prepared_volumes(betas, grid, batch, path)).to(self.device, torch.float32)
+                result = concepts.gradcam_tokens(model, volumes, targets[start : start + len(batch)],
+                                                 self.args.layers)  # fmt: skip
+                maps.append(concepts.to_subject_grid(concepts.to_model_grid(model.config, result.cam), brain))
+                found.append(result.score.cpu().numpy())
+                bar.update(len(batch))
+            per_model.append(np.concatenate(maps))
+            scores = np.concatenate(found) if k == 0 else scores
+        return concepts.ensemble_maps(per_model), scores
+
+    def ablation(self, betas, samples, targets, maps: np.ndarray, region: np.ndarray) -> dict:
+        """The zeroing check on the scored model, with subject-grid volumes (each sample's rows averaged)."""
+        import torch
+
+        from llava_brain.evaluation import concepts
+        from llava_brain.model.processor import resize_volumes
+
+        grid = tuple(self.model.config.grid)
+        volumes = np.stack([np.asarray(betas[list(s.rows)], dtype=np.float32).mean(axis=0) for s in samples])
+
+        def score(batch: np.ndarray, i: int) -> np.ndarray:
+            resized = torch.from_numpy(resize_volumes(batch, grid)).to(self.device)
+            with torch.no_grad():
+                return concepts.concept_scores(self.model, resized, targets[i]).cpu().numpy()
+
+        return concepts.ablation_drops(score, volumes, maps, region, fraction=self.args.ablate_fraction,
+                                       repeats=self.args.ablate_repeats, seed=self.args.seed)  # fmt: skip
+
+
+def select_samples(args, layout: DatasetRoot, subject: int, concept: str, captions: dict) -> list:
+    """The subject's test samples of --kind that the concept applies to (--samples, --nsd-ids, --max-samples)."""
+    from llava_brain.evaluation.concepts import mentions
+
+    samples = prediction_samples(sample_index(layout, subject, SPLIT), args.kind)
+    if args.nsd_ids:
+        have = {s.nsd_id for s in samples}
+        missing = [n for n in args.nsd_ids if n not in have]
+        if missing:
+            raise BadInputError(layout.fmri2image(subject), f"has no {SPLIT} fMRI of nsdId {missing[:5]} for "
+                                f"{subject_name(subject)}; choose --nsd-ids among its test images")  # fmt: skip
+        samples = [s for s in samples if s.nsd_id in set(args.nsd_ids)]
+    if args.samples == "containing":
+        samples = [s for s in samples if mentions(captions.get(s.nsd_id, []), concept)]
+        if not samples:
+            raise BadInputError(layout.coco_captions, f"no {subject_name(subject)} test sample's captions name "
+                                f"{concept!r}; pass --samples all to map it on every sample")  # fmt: skip
+    return samples[: args.max_samples] if args.max_samples else samples
+
+
+def settings_of(args, locator: Locator, subject: int, concept: str) -> dict:
+    return {"model": str(locator.run.folder.resolve()), "ensemble": [str(Path(e).resolve()) for e in args.ensemble],
+            "clip_text": str(args.clip_text), "from_llava": str(args.from_llava) if args.from_llava else None,
+            "subject": subject, "kind": args.kind, "concept": concept, "samples": args.samples,
+            "nsd_ids": args.nsd_ids, "max_samples": args.max_samples, "template": args.template,
+            "layers": args.layers, "region": args.region or locator.run.area, "top_voxels": args.top_voxels,
+            "ablation": None if args.no_ablation else [args.ablate_fraction, args.ablate_repeats, args.seed],
+            "sample_files": not args.no_sample_files}  # fmt: skip
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    runtime.limit_threads()
+    parser = build_parser()
+    args = cli.parse_args(parser, argv)
+    if args.batch_size < 1 or args.top_voxels < 1 or args.ablate_repeats < 1:
+        parser.error("--batch-size, --top-voxels and --ablate-repeats must be at least 1")
+    if not 0 < args.ablate_fraction < 1:
+        parser.error("--ablate-fraction must be in (0, 1)")
+    if "{}" not in args.template:
+        parser.error("--template needs {} where the concept goes")
+    from llava_brain.annotations import read_captions
+    from llava_brain.data.fmri import open_betas, read_split
+    from llava_brain.evaluation.concepts import concept_embeddings
+
+    layout = DatasetRoot(args.dataset_root)
+    locator = Locator(args)
+    region_name = args.region or locator.run.area
+    subjects = args.subject if args.subject is not None else locator.run.subjects
+    out = args.out if args.out is not None else layout.concepts(locator.run.folder.name)
+    require_writable(out, "--out folder")
+    captions = read_captions(require_file(layout.coco_captions, "the COCO captions of make_coco_annotations.py"))
+    for subject in subjects:
+        betas, path = open_betas(layout, subject, SPLIT), layout.whole_betas(subject, SPLIT)
+        read_split(layout, subject, SPLIT, len(betas))
+        data = subject_data(layout, subject, region_name)
+        for concept in args.concept:
+            stage = StageRun(out / f"{subject_name(subject)}_{args.kind}" / slug(concept),
+                             settings=settings_of(args, locator, subject, concept),
+                             inputs={**locator.run.files, "betas_te": path, "fmri2image": layout.fmri2image(subject),
+                                     "masks": layout.whole_masks(subject), "captions": layout.coco_captions},
+                             folder=True)  # fmt: skip
+            if not stage.needed(args.overwrite, (stage.output / "mean.nii.gz").is_file()):
+                print(f"{subject_name(subject)} {args.kind} {concept!r}: current, kept -> {stage.output}")
+                continue
+            samples = select_samples(args, layout, subject, concept, captions)
+            texts = locator.concept_texts(concept, samples, layout)
+            targets = concept_embeddings(locator.text_model, locator.tokenizer, texts, args.template)
+            desc = f"{subject_name(subject)} {concept}"
+            with tqdm(total=len(samples) * len(locator.runs), desc=desc, unit="map", disable=args.quiet) as bar:
+                maps, scores = locator.maps(betas, samples, path, targets, data["brain"], bar)
+            ablation = None if args.no_ablation else locator.ablation(betas, samples, targets, maps, data["region"])
+            with staged_folder(stage.output) as staging:
+                if not args.no_sample_files:
+                    (staging / "maps").mkdir()
+                    for s, text, score, volume in zip(samples, texts, scores, maps, strict=True):
+                        info = {"sample": s.key, "nsd_id": s.nsd_id, "concept": concept, "text": text,
+                                "score": float(score)}  # fmt: skip
+                        write_map(staging / "maps", s.key, volume, info, data, args.top_voxels)
+                mean_info = {"concept": concept, "samples": len(samples), "mean_score": float(scores.mean())}
+                write_map(staging, "mean", maps.mean(axis=0), mean_info, data, args.top_voxels)
+                if ablation is not None:
+                    write_json(staging / "ablation.json", {"concept": concept, "region": region_name, **ablation})
+                write_json(staging / "index.json", {
+                    "subject": subject, "kind": args.kind, "concept": concept, "template": args.template,
+                    "layers": args.layers, "models": [str(r.folder) for r, _ in locator.runs],
+                    "patch_sizes": [m.config.patch_size for _, m in locator.runs],
+                    "samples": [{"sample": s.key, "nsd_id": s.nsd_id, "text": t, "score": float(v)}
+                                for s, t, v in zip(samples, texts, scores, strict=True)]})  # fmt: skip
+                stage.finish(args, into=staging, dataset_root=layout.root)
+            note = "" if ablation is None else (
+                f"; zeroing the top {args.ablate_fraction:.0%} of {region_name}: score drop "
+                f"{ablation['drop_located']:.4f} vs {ablation['drop_random']:.4f} for random voxels "
+                f"(Wilcoxon p = {ablation['wilcoxon_p']:.2g})")  # fmt: skip
+            print(
+                f"{desc} ({args.kind}): {len(samples)} samples, mean score {scores.mean():.3f}{note} -> {stage.output}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
