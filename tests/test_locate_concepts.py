@@ -120,3 +120,16 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path_factory, tmp_path, caps
     line = error_line(capsys)
     assert expect in line and "\n" not in line.strip()
     assert not out.exists() or not any(out.rglob("*.nii.gz"))
+
+
+def test_an_ensemble_averages_each_models_scaled_map(located, tmp_path):
+    """The same model twice is an ensemble whose maps equal the single model's (each map is scaled to max 1)."""
+    chain, out = located
+    twice = tmp_path / "twice"
+    argv = _argv(chain, twice, "--concept", "red", "--ensemble", str(chain["vit3d"]), "--no-ablation",
+                 "--no-sample-files")  # fmt: skip
+    assert locate.main(argv) == 0
+    index = json.loads((twice / "subj01_avg" / "red" / "index.json").read_text())
+    assert len(index["models"]) == 2 and index["patch_sizes"] == [6, 6]
+    single = nib.load(out / "subj01_avg" / "red" / "mean.nii.gz").get_fdata()
+    np.testing.assert_allclose(nib.load(twice / "subj01_avg" / "red" / "mean.nii.gz").get_fdata(), single, atol=1e-6)

@@ -28,13 +28,17 @@ def _commands(script: Path) -> list[tuple[str, list[str]]]:
     for name, value in re.findall(r"^(\w+)=([^\s$]+)\s*$", text, flags=re.M):
         values.setdefault(name, value.strip("\"'"))
     for name, items in re.findall(r"for (\w+) in ([^;]+); do", text):
-        values.setdefault(name, items.split()[0])
+        first = shlex.split(items)[0]
+        looked_up = re.fullmatch(r"\$\{?(\w+)\}?", first)  # `for X in $LIST`: the list's first item
+        values.setdefault(name, (values.get(looked_up[1]) or "1").split()[0] if looked_up else first)
     text = re.sub(r"\$\{?(\w+)\}?", lambda m: values.get(m[1], "1"), text)
     found = []
     for line in text.splitlines():
         words = shlex.split(line, comments=True)
-        # A redirection ("> /dev/null", "2>&1") ends the command's own words.
-        words = words[: next((i for i, w in enumerate(words) if re.fullmatch(r"\d?>>?(&\d)?|<", w)), len(words))]
+        # A redirection ("> /dev/null", "2>&1") or "&" (a stage started in the background) ends the command's own
+        # words; leading environment assignments ("OMP_NUM_THREADS=1 python ...") are not part of them.
+        words = words[: next((i for i, w in enumerate(words) if re.fullmatch(r"\d?>>?(&\d)?|<|&", w)), len(words))]
+        words = words[next((i for i, w in enumerate(words) if not re.fullmatch(r"\w+=\S*", w)), len(words)) :]
         if not words or words[0] not in ("python", "python3", "accelerate", "torchrun"):
             continue
         module = next((i + 1 for i, w in enumerate(words[:-1]) if w in ("-m", "--module")), None)

@@ -7,14 +7,16 @@
 #      images whose COCO captions name the concept; NIfTI maps, slice montages, top voxels and streams-ROI
 #      shares per sample and on average, and the zeroing check (top 10% of nsdgeneral vs random voxels);
 #   3. with LLAVA=<Brain-LLaVA folder>, the concept texts are its answers to `Locating the concept of "<concept>"`.
-# Outputs: $DATASET_ROOT/runs/concepts/<model>/subjXX_avg/<concept>/ (docs/concepts.md). A rerun skips what is
+# Outputs: $DATASET_ROOT/runs/concepts/ensemble/subjXX_avg/<concept>/ (or $OUT; docs/concepts.md), then
+# eval_concepts.py's zeroing-check table in $DATASET_ROOT/runs/eval/concepts_ensemble.json. A rerun skips what is
 # current. Time not measured (no GPU was available): two more ViT3D trainings (~8 h each on one A100 in the
 # paper's setting), then minutes per concept; disk: at most 2.8 MB per NIfTI map (81 x 104 x 83 float32 before gzip).
 #
 # On mini-NSD (CPU, minutes; docs/concepts.md gives what it measured): its semantic maps are random per subject,
 # so the concept models are trained on subject 1 alone, with the demo's tiny configuration:
-#   DATASET_ROOT=demo_out/root CLIP_TEXT=demo_out/tiny_models/clip_text MAIN=demo_out/root/runs/vit3d_concepts \
-#   TRAIN_SUBJECTS=1 SUBJECTS=1 CONCEPTS="red blue" PATCHES="5 4" NUM_LAYERS=2 HIDDEN_SIZE=128 NUM_HEADS=8 \
+#   DATASET_ROOT=demo_out/root NSD_ROOT=demo_out/mini_nsd CLIP_TEXT=demo_out/tiny_models/clip_text \
+#   MAIN=demo_out/root/runs/vit3d \
+#   TRAIN_SUBJECTS=1 SUBJECTS=1 CONCEPTS="red circle" PATCHES="5 4" NUM_LAYERS=2 HIDDEN_SIZE=128 NUM_HEADS=8 \
 #   HEAD_HIDDEN=256 EPOCHS=8 BATCH_SIZE=16 LR=1e-3 DEVICE=cpu PRECISION=fp32 bash scripts/nsd/70_concepts.sh
 set -euo pipefail
 
@@ -35,6 +37,8 @@ LR=${LR:-5e-4}
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 LLAVA=${LLAVA:-}
+OUT=${OUT:-$DATASET_ROOT/runs/concepts/ensemble}
+NSD_ROOT=${NSD_ROOT:-}  # a mini-NSD tree: the maps are also scored against its ground truth
 
 ENSEMBLE=()
 for PATCH in $PATCHES; do
@@ -68,4 +72,11 @@ python tools/evaluate/locate_concepts.py \
   --concept $CONCEPTS \
   --layers -2 \
   --device "$DEVICE" \
+  --out "$OUT" \
   --from-llava="$LLAVA"
+
+python tools/evaluate/eval_concepts.py \
+  --concepts "$OUT" \
+  --dataset-root "$DATASET_ROOT" \
+  --nsd-root="$NSD_ROOT" \
+  --json "$DATASET_ROOT/runs/eval/concepts_$(basename "$OUT").json"

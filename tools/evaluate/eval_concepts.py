@@ -37,9 +37,9 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--concepts", type=Path, required=True, help="a locate_concepts.py output folder")
     cli.add_dataset_root(p, "prepared dataset root (the subjects' masks)")
-    p.add_argument("--nsd-root", type=Path, default=None,
+    p.add_argument("--nsd-root", type=lambda v: Path(v) if v else None, default=None,
                    help="the mini-NSD tree (make_mini_nsd.py) the root was prepared from: adds the agreement "
-                   "with its ground truth")  # fmt: skip
+                   "with its ground truth (empty: none)")  # fmt: skip
     p.add_argument("--region", default="nsdgeneral", help="mask of whole/masks.npz compared over (nsdgeneral)")
     p.add_argument("--top-fraction", type=float, default=0.1, help="share of the region in the top-voxel overlap")
     p.add_argument("--permutations", type=int, default=200, help="random maps per located map (default 200)")

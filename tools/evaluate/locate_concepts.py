@@ -30,7 +30,7 @@ Full scale (ViT3Ds of patch 14, 12, 10 from scripts/nsd/70_concepts.sh; one GPU,
       --clip-text openai/clip-vit-large-patch14 --dataset-root /data/brain --subject 1 \\
       --concept dog surfboard --device cuda
 Tiny (demo root, CPU, seconds):
-  python tools/evaluate/locate_concepts.py --model demo_out/root/runs/vit3d_concepts \\
+  python tools/evaluate/locate_concepts.py --model demo_out/root/runs/vit3d \\
       --clip-text demo_out/tiny_models/clip_text --dataset-root demo_out/root --subject 1 --concept red blue \\
       --device cpu
 """
