@@ -27,6 +27,17 @@ step() {
   echo "== $1"
 }
 
+# Stages that neither train nor depend on each other run side by side, one torch thread each, started with
+# `OMP_NUM_THREADS=1 python ... &` and `SIDE+=($!)`; `join_side` waits for them and stops the demo if one
+# failed. Most of a short stage is single-threaded Python (imports, file reading, the metrics' loops), so two
+# at once fill both cores; the training stages keep both threads to themselves.
+SIDE=()
+join_side() {
+  local pid
+  for pid in "${SIDE[@]}"; do wait "$pid"; done
+  SIDE=()
+}
+
 step "1. mini-NSD: a raw NSD tree (betas, ROIs, design, stimuli, COCO annotations)"
 python prepare_datasets/make_mini_nsd.py \
   --out "$NSD_ROOT" \
@@ -70,12 +81,12 @@ python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \
   --seed "$SEED" \
-  --vae-steps 300 \
+  --vae-steps 200 \
   --unet-steps 150 \
   --quiet
 
-step "7. BLIP-2 captions (random tiny model: the text is noise; the pipeline is the point)"
-python prepare_datasets/generate_captions.py \
+step "7-8. BLIP-2 captions and DETR objects, side by side (random tiny models: noise text, all boxes kept)"
+OMP_NUM_THREADS=1 python prepare_datasets/generate_captions.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
   --model "$TINY/blip2" \
@@ -83,17 +94,18 @@ python prepare_datasets/generate_captions.py \
   --max-new-tokens 8 \
   --device cpu \
   --batch-size 64 \
-  --quiet
-
-step "8. DETR objects (random tiny model, so every box is kept: --threshold 0)"
-python prepare_datasets/object_detection.py \
+  --quiet &
+SIDE+=($!)
+OMP_NUM_THREADS=1 python prepare_datasets/object_detection.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
   --model "$TINY/detr" \
   --threshold 0.0 \
   --device cpu \
   --batch-size 64 \
-  --quiet
+  --quiet &
+SIDE+=($!)
+join_side
 
 step "9. CLIP image embeddings and VAE latents (the ViT3D's targets)"
 python prepare_datasets/generate_clip_embeds.py \
@@ -151,7 +163,7 @@ python pretrain_vit3d.py \
   --head-hidden 256 \
   --patch-size 6 \
   --vae \
-  --epochs 10 \
+  --epochs 8 \
   --batch-size 16 \
   --lr 1e-3 \
   --warmup-steps 50 \
@@ -160,47 +172,53 @@ python pretrain_vit3d.py \
   --device cpu
 
 step "14. prediction files: the ViT3D and the ridge model over each subject's test images (averaged, single trial)"
-python tools/evaluate/fmri2embeds.py \
+OMP_NUM_THREADS=1 python tools/evaluate/fmri2embeds.py \
   --encoder vit3d \
   --model "$DATASET_ROOT/runs/vit3d" \
   --dataset-root "$DATASET_ROOT" \
   --device cpu \
-  --quiet
-python tools/evaluate/fmri2embeds.py \
+  --quiet &
+SIDE+=($!)
+OMP_NUM_THREADS=1 python tools/evaluate/fmri2embeds.py \
   --encoder ridge \
   --model "$DATASET_ROOT/runs/ridge/ridge_nsdgeneral" \
   --dataset-root "$DATASET_ROOT" \
-  --quiet
+  --quiet &
+SIDE+=($!)
+join_side
 
 step "15. retrieval from the prediction files (top-1 and MindEye's pools, shuffled-fMRI control), side by side"
 for RUN in vit3d ridge_nsdgeneral; do
-  python tools/evaluate/eval_retrieval.py \
+  OMP_NUM_THREADS=1 python tools/evaluate/eval_retrieval.py \
     --predictions "$DATASET_ROOT/runs/predictions/$RUN" \
-    --json "$EVAL/retrieval_$RUN.json" > /dev/null
+    --json "$EVAL/retrieval_$RUN.json" > /dev/null &
+  SIDE+=($!)
 done
+join_side
 python tools/evaluate/retrieval_table.py \
   --run ridge="$EVAL/retrieval_ridge_nsdgeneral.json" \
   --run vit3d="$EVAL/retrieval_vit3d.json" \
   --json "$DATASET_ROOT/runs/retrieval_table.json"
 
-step "16. low-level reconstructions: the ViT3D's predicted VAE latents through the unCLIP pipeline's VAE"
-echo "   (repeat-averaged test samples only, to fit the demo's minutes; scripts/nsd/50_evaluate.sh adds single trials)"
-python tools/evaluate/embeds2images.py \
+step "16-17. low-level reconstructions beside captions by retrieval, side by side"
+echo "   (the predicted VAE latents through the unCLIP pipeline's VAE, repeat-averaged test samples only, to fit the"
+echo "   demo's minutes: scripts/nsd/50_evaluate.sh adds single trials; captions retrieved with the predicted CLIP"
+echo "   embeddings, scored against COCO with a shuffled control)"
+OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --decoder vae \
   --model "$TINY/unclip" \
   --kinds avg \
   --device cpu \
-  --quiet
-
-step "17. captions by retrieval from the predicted CLIP embeddings, scored against COCO (shuffled control)"
-python tools/evaluate/retrieve_captions.py \
+  --quiet &
+SIDE+=($!)
+OMP_NUM_THREADS=1 python tools/evaluate/retrieve_captions.py \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --dataset-root "$DATASET_ROOT" \
   --kind avg \
   --quiet
-python tools/evaluate/eval_captions.py \
+OMP_NUM_THREADS=1 python tools/evaluate/eval_captions.py \
   --captions "$DATASET_ROOT/runs/captions/vit3d_retrieval_avg.jsonl" \
   --dataset-root "$DATASET_ROOT" \
   --refs coco \
@@ -209,6 +227,7 @@ python tools/evaluate/eval_captions.py \
   --device cpu \
   --json "$EVAL/captions_vit3d_retrieval_avg_coco.json" \
   --quiet
+join_side
 
 step "18. Brain-LLaVA: the tiny Llama reads the ViT3D's tokens (stage 1: projector; stage 2: projector + LLM)"
 echo "   (brief captions only, to fit the demo's minutes; the ViT3D's last block (-1): with 2 blocks its penultimate"
@@ -254,7 +273,7 @@ python -m llava_brain.train \
 
 step "19. Brain-LLaVA's brief captions from real and from shuffled fMRI, scored against COCO"
 CAPTIONS=$DATASET_ROOT/runs/captions
-python tools/evaluate/generate_captions_from_llava.py \
+OMP_NUM_THREADS=1 python tools/evaluate/generate_captions_from_llava.py \
   --model "$BRAIN_LLAVA/stage2/final" \
   --dataset-root "$DATASET_ROOT" \
   --kind avg \
@@ -262,8 +281,9 @@ python tools/evaluate/generate_captions_from_llava.py \
   --max-new-tokens 24 \
   --device cpu \
   --out "$CAPTIONS/brain_llava_avg_real.jsonl" \
-  --quiet
-python tools/evaluate/generate_captions_from_llava.py \
+  --quiet &
+SIDE+=($!)
+OMP_NUM_THREADS=1 python tools/evaluate/generate_captions_from_llava.py \
   --model "$BRAIN_LLAVA/stage2/final" \
   --dataset-root "$DATASET_ROOT" \
   --kind avg \
@@ -272,9 +292,11 @@ python tools/evaluate/generate_captions_from_llava.py \
   --device cpu \
   --shuffle-fmri \
   --out "$CAPTIONS/brain_llava_avg_shuffled.jsonl" \
-  --quiet
+  --quiet &
+SIDE+=($!)
+join_side
 for CONTROL in real shuffled; do
-  python tools/evaluate/eval_captions.py \
+  OMP_NUM_THREADS=1 python tools/evaluate/eval_captions.py \
     --captions "$CAPTIONS/brain_llava_avg_$CONTROL.jsonl" \
     --dataset-root "$DATASET_ROOT" \
     --refs coco \
@@ -283,13 +305,15 @@ for CONTROL in real shuffled; do
     --clip-text "$TINY/clip_text" \
     --device cpu \
     --json "$EVAL/captions_brain_llava_avg_${CONTROL}_coco.json" \
-    --quiet > /dev/null
+    --quiet > /dev/null &
+  SIDE+=($!)
 done
+join_side
 
 step "20. Stable unCLIP reconstructions (the tiny unCLIP): the full decoder, w/o LLM (no prompt), w/o VAE (noise start)"
 echo "   (prompts: Brain-LLaVA's brief captions of step 19; beta 0.93; subjects 1 and 2 and 8 denoising steps, to fit"
 echo "   the demo's minutes; scripts/nsd/60_ablations.sh runs these and the beta sweep on every subject)"
-python tools/evaluate/embeds2images.py \
+OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --decoder unclip \
@@ -302,8 +326,9 @@ python tools/evaluate/embeds2images.py \
   --batch-size 50 \
   --label unclip \
   --device cpu \
-  --quiet
-python tools/evaluate/embeds2images.py \
+  --quiet &
+SIDE+=($!)
+OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --decoder unclip \
@@ -315,8 +340,9 @@ python tools/evaluate/embeds2images.py \
   --batch-size 50 \
   --label unclip_notext \
   --device cpu \
-  --quiet
-python tools/evaluate/embeds2images.py \
+  --quiet &
+SIDE+=($!)
+OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --decoder unclip \
@@ -330,33 +356,53 @@ python tools/evaluate/embeds2images.py \
   --batch-size 50 \
   --label unclip_novae \
   --device cpu \
-  --quiet
+  --quiet &
+SIDE+=($!)
+join_side
 
-step "21. image metrics of every reconstruction folder (Brain-Diffuser protocol, one call) with shuffled pairs"
-echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one)"
-RECONS=() STIMULI=() SCORES=()
-for SUBJ in subj01 subj02 subj05 subj07; do
-  RECONS+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_avg/recons")
-  STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_vae/${SUBJ}_avg/stimuli")
-  SCORES+=("$EVAL/recon_vit3d_vae_${SUBJ}_avg_braindiffuser.json")
-done
-for LABEL in unclip unclip_notext unclip_novae; do
-  for SUBJ in subj01 subj02; do
-    RECONS+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/recons")
-    STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/stimuli")
-    SCORES+=("$EVAL/recon_vit3d_${LABEL}_${SUBJ}_avg_braindiffuser.json")
+step "21. image metrics of every reconstruction folder (Brain-Diffuser protocol) with shuffled pairs"
+echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one;"
+echo "   two eval_recon.py calls side by side, 500 images each)"
+for HALF in "subj01 subj05" "subj02 subj07"; do
+  RECONS=() STIMULI=() SCORES=()
+  for SUBJ in $HALF; do
+    LABELS=(vae)
+    if [ "$SUBJ" = subj01 ] || [ "$SUBJ" = subj02 ]; then LABELS+=(unclip unclip_notext unclip_novae); fi
+    for LABEL in "${LABELS[@]}"; do
+      RECONS+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/recons")
+      STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/stimuli")
+      SCORES+=("$EVAL/recon_vit3d_${LABEL}_${SUBJ}_avg_braindiffuser.json")
+    done
   done
+  OMP_NUM_THREADS=1 python tools/evaluate/eval_recon.py \
+    --recons "${RECONS[@]}" \
+    --stimuli "${STIMULI[@]}" \
+    --json "${SCORES[@]}" \
+    --protocol braindiffuser \
+    --clip-model "$TINY/clip_vision" \
+    --device cpu \
+    --quiet > /dev/null &
+  SIDE+=($!)
 done
-python tools/evaluate/eval_recon.py \
-  --recons "${RECONS[@]}" \
-  --stimuli "${STIMULI[@]}" \
-  --json "${SCORES[@]}" \
-  --protocol braindiffuser \
-  --clip-model "$TINY/clip_vision" \
-  --device cpu \
-  --quiet > /dev/null
+join_side
 
-step "22. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids"
+step "22. concept localization: Grad-CAM maps of a colour and a shape, the zeroing check, mini-NSD's ground truth"
+echo "   (the demo's 4-subject ViT3D on subjects 1 and 2; docs/concepts.md says what these figures show and why)"
+python tools/evaluate/locate_concepts.py \
+  --model "$DATASET_ROOT/runs/vit3d" \
+  --clip-text "$TINY/clip_text" \
+  --dataset-root "$DATASET_ROOT" \
+  --subject 1 2 \
+  --concept red circle \
+  --device cpu \
+  --quiet
+python tools/evaluate/eval_concepts.py \
+  --concepts "$DATASET_ROOT/runs/concepts/vit3d" \
+  --dataset-root "$DATASET_ROOT" \
+  --nsd-root "$NSD_ROOT" \
+  --json "$EVAL/concepts_vit3d.json"
+
+step "23. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids, concept maps"
 python tools/evaluate/make_report.py \
   --evals "$EVAL" \
   --out "$DEMO_DIR" \
