@@ -81,7 +81,7 @@ python tools/make_tiny_models.py \
   --out "$TINY" \
   --nsd-root "$NSD_ROOT" \
   --seed "$SEED" \
-  --vae-steps 200 \
+  --vae-steps 150 \
   --unet-steps 150 \
   --quiet
 
@@ -126,13 +126,15 @@ python tools/describe_root.py \
 
 step "11. instruction data: template conversations (offline, free) and the LLaVA SFT files"
 for TYPE in conversation detail_description complex_reasoning; do
-  python prepare_datasets/generate_conversation.py \
+  OMP_NUM_THREADS=1 python prepare_datasets/generate_conversation.py \
     --dataset-root "$DATASET_ROOT" \
     --prompt-type "$TYPE" \
     --backend template \
     --subject all \
-    --quiet
+    --quiet &
+  SIDE+=($!)
 done
+join_side
 python prepare_datasets/generate_sft_data.py \
   --dataset-root "$DATASET_ROOT" \
   --subject all \
@@ -163,7 +165,7 @@ python pretrain_vit3d.py \
   --head-hidden 256 \
   --patch-size 6 \
   --vae \
-  --epochs 8 \
+  --epochs 6 \
   --batch-size 16 \
   --lr 1e-3 \
   --warmup-steps 50 \
@@ -311,15 +313,16 @@ done
 join_side
 
 step "20. Stable unCLIP reconstructions (the tiny unCLIP): the full decoder, w/o LLM (no prompt), w/o VAE (noise start)"
-echo "   (prompts: Brain-LLaVA's brief captions of step 19; beta 0.93; subjects 1 and 2 and 8 denoising steps, to fit"
-echo "   the demo's minutes; scripts/nsd/60_ablations.sh runs these and the beta sweep on every subject)"
+echo "   (prompts: Brain-LLaVA's brief captions of step 19; beta 0.93; subject 1 and 8 denoising steps, to fit"
+echo "   the demo's minutes; scripts/nsd/60_ablations.sh runs these and the beta sweep on subjects 1 and 2 of this root,"
+echo "   every subject at full scale)"
 OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --dataset-root "$DATASET_ROOT" \
   --predictions "$DATASET_ROOT/runs/predictions/vit3d" \
   --decoder unclip \
   --model "$TINY/unclip" \
   --kinds avg \
-  --subject 1 2 \
+  --subject 1 \
   --prompts "$CAPTIONS/brain_llava_avg_real.jsonl" \
   --prompt-task brief_description \
   --steps 8 \
@@ -334,7 +337,7 @@ OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --decoder unclip \
   --model "$TINY/unclip" \
   --kinds avg \
-  --subject 1 2 \
+  --subject 1 \
   --no-text \
   --steps 8 \
   --batch-size 50 \
@@ -348,7 +351,7 @@ OMP_NUM_THREADS=1 python tools/evaluate/embeds2images.py \
   --decoder unclip \
   --model "$TINY/unclip" \
   --kinds avg \
-  --subject 1 2 \
+  --subject 1 \
   --prompts "$CAPTIONS/brain_llava_avg_real.jsonl" \
   --prompt-task brief_description \
   --no-vae-init \
@@ -362,12 +365,12 @@ join_side
 
 step "21. image metrics of every reconstruction folder (Brain-Diffuser protocol) with shuffled pairs"
 echo "   (AlexNet, Inception, EffNet, SwAV need their weight files: reported as unavailable here; CLIP = the tiny one;"
-echo "   two eval_recon.py calls side by side, 500 images each)"
-for HALF in "subj01 subj05" "subj02 subj07"; do
+echo "   two eval_recon.py calls side by side, 400 and 300 images)"
+for HALF in "subj01" "subj02 subj05 subj07"; do
   RECONS=() STIMULI=() SCORES=()
   for SUBJ in $HALF; do
     LABELS=(vae)
-    if [ "$SUBJ" = subj01 ] || [ "$SUBJ" = subj02 ]; then LABELS+=(unclip unclip_notext unclip_novae); fi
+    if [ "$SUBJ" = subj01 ]; then LABELS+=(unclip unclip_notext unclip_novae); fi
     for LABEL in "${LABELS[@]}"; do
       RECONS+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/recons")
       STIMULI+=("$DATASET_ROOT/runs/recons/vit3d_$LABEL/${SUBJ}_avg/stimuli")

@@ -15,7 +15,8 @@
 #
 # The same recipe on the demo's root after make demo, with the tiny models (CPU; docs/reconstruction.md gives
 # what it measured). The demo's Brain-LLaVA learned brief captions only, so they are the prompts, and the
-# unclip_brief row is then the full decoder itself (not decoded twice); the demo decodes subjects 1 and 2:
+# unclip_brief row is then the full decoder itself (not decoded twice); the demo decodes subject 1 (its folders
+# are reused), this decodes subject 2 as well:
 #   DATASET_ROOT=demo_out/root UNCLIP=demo_out/tiny_models/unclip CLIP_L=demo_out/tiny_models/clip_vision \
 #   PROMPTS=demo_out/root/runs/captions/brain_llava_avg_real.jsonl PROMPT_TASK=brief_description \
 #   SUBJECTS="1 2" DEVICE=cpu PRECISION=fp32 STEPS=8 bash scripts/nsd/60_ablations.sh
