@@ -101,6 +101,34 @@ def add_predictions(p, *, subject_filter: bool = False) -> None:
                        help="only these subject numbers (default: every subject in --predictions)")  # fmt: skip
 
 
+def add_unclip_settings(p) -> None:
+    """The Stable unCLIP decoder's settings (llava_brain.recon.UnclipSettings); `unclip_settings` reads them."""
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=0.93,
+        help="strength: share of the denoising steps run from the noised VAE latent (default 0.93)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="denoising steps of the full schedule (default 20)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
+    p.add_argument(
+        "--noise-level", type=int, default=0, help="noise augmentation of the CLIP embedding, 0..999 (default 0: none)"
+    )
+    p.add_argument(
+        "--no-vae-init",
+        action="store_true",
+        help="start from pure noise, not the predicted VAE latent (the 'w/o VAE feature' ablation)",
+    )
+
+
+def unclip_settings(args: argparse.Namespace):
+    """UnclipSettings of the flags of `add_unclip_settings`."""
+    from llava_brain.recon.unclip import UnclipSettings
+
+    return UnclipSettings(beta=args.beta, steps=args.steps, guidance=args.guidance, noise_level=args.noise_level,
+                          vae_init=not args.no_vae_init)  # fmt: skip
+
+
 def add_quiet(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -11,10 +11,11 @@ question at the `USER:` prompt, or a command:
 the transcript. Greedy by default; --do-sample with --temperature / --top-p draws with --seed.
 
 Full scale:
-  python tools/chat.py --model /data/brain/runs/brain_llava/stage2 --dataset-root /data/brain \\
+  python tools/chat.py --model /data/brain/runs/brain_llava/stage2/final --dataset-root /data/brain \\
       --sample subj01/te/3+9+12 --precision bf16
 Tiny (demo root):
-  python tools/chat.py --model demo_out/brain_llava/stage2 --dataset-root demo_out/root --sample subj01/te/12
+  python tools/chat.py --model demo_out/root/runs/brain_llava/stage2/final --dataset-root demo_out/root \\
+      --sample subj01/te/12
 """
 
 from __future__ import annotations

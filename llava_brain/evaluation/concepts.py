@@ -28,14 +28,46 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llava_brain.errors import BadInputError, require_file
 from llava_brain.geometry import resize_to_grid
+from llava_brain.io import read_json
+from llava_brain.layout import DatasetRoot
 
+ROIS = ("early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal")  # streams atlas
 DEFAULT_TEMPLATE = "{}"  # the bare concept, as Brain-LLaVA's concept_localization answer gives it
+
+
+def load_clip_vit3d(folder: Path, device: str):
+    """(Vit3dRun, model) of a pretrain_vit3d.py folder; one that is not a ViT3D with a CLIP head is refused."""
+    from llava_brain.evaluation.encoders import Vit3dRun
+
+    run = Vit3dRun.load(folder)
+    config = read_json(run.final / "config.json", "the ViT3D config (final/config.json)")
+    if config.get("model_type") != "vit3d" or not config.get("clip_dim"):
+        raise BadInputError(run.final / "config.json", "is not a ViT3D with a CLIP head (model_type vit3d, clip_dim)")
+    return run, run.model(device)
+
+
+def subject_data(layout: DatasetRoot, subject: int, region: str) -> dict:
+    """The subject's brain mask, ROI masks, region, affine and mean volume (the montage's background)."""
+    meta = read_json(layout.whole_meta(subject), "make_subjmri.py's whole-brain metadata (grid, affine)")
+    path = require_file(layout.whole_masks(subject), "the whole-brain masks (masks.npz) of make_subjmri.py")
+    with np.load(path) as masks:
+        for name in ("brain", region):
+            if name not in masks.files:
+                raise BadInputError(path, f"has no mask {name!r}; it has {sorted(masks.files)}")
+        data = {"brain": masks["brain"].astype(bool), "region": masks[region].astype(bool),
+                "rois": {r: masks[r].astype(bool) for r in ROIS if r in masks.files}}  # fmt: skip
+    mean = np.load(require_file(layout.whole_stats(subject, "mean"), "the whole-brain mean betas of make_subjmri.py"))
+    data["mean"] = np.asarray(mean, dtype=np.float32)
+    data["affine"] = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
+    return data
 
 
 def concept_embeddings(text_model, tokenizer, texts: Sequence[str], template: str = DEFAULT_TEMPLATE) -> torch.Tensor:

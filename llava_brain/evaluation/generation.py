@@ -198,3 +198,35 @@ class ChatSession:
         turns = [{"role": m["role"], "text": next(p["text"] for p in m["content"] if p["type"] == "text")}
                  for m in self.messages]  # fmt: skip
         return {"sample": self.sample, "turns": turns}
+
+
+def stream_answer(session: ChatSession, question: str, timeout: float | None = 600.0):
+    """Yield (answer so far, messages) while `session` answers `question`; the last item is ask()'s finished
+    answer with the session's messages (the turn appended). Generation runs in a worker thread that feeds a
+    transformers TextIteratorStreamer; an error in it is raised here, after the stream ends. `timeout`: seconds
+    to wait for the next piece of text before giving up (queue.Empty)."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(session.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                    timeout=timeout)  # fmt: skip
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["answer"] = session.ask(question, streamer=streamer)
+        except BaseException as err:  # handed to the caller's thread below
+            result["error"] = err
+            streamer.end()  # the consumer's loop ends instead of waiting for text that never comes
+
+    worker = threading.Thread(target=work, name="brain-llava-answer", daemon=True)
+    worker.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text, list(session.messages)
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    yield result["answer"], list(session.messages)

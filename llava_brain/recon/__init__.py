@@ -8,6 +8,8 @@ from llava_brain.recon.unclip import (
     decode,
     load_pipeline,
     sample_seed,
+    to_uint8,
+    vae_images,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "decode",
     "load_pipeline",
     "sample_seed",
+    "to_uint8",
+    "vae_images",
 ]

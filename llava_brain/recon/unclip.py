@@ -15,7 +15,7 @@ the batch it is decoded in, and a resumed run reproduces an uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,9 +84,10 @@ def image_conditioning(pipe, clip: torch.Tensor, noise_level: int, seeds: Sequen
 
 @torch.no_grad()
 def decode(pipe, clip: np.ndarray, vae_latents: np.ndarray | None, prompts: Sequence[str], seeds: Sequence[int],
-           settings: UnclipSettings) -> np.ndarray:  # fmt: skip
+           settings: UnclipSettings, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:  # fmt: skip
     """(n, H, W, 3) uint8 images of n samples: clip (n, D), vae_latents (n, C, h, w) scaled or None, prompts
-    ("" = none), one seed each. The caller batches; results do not depend on the batch."""
+    ("" = none), one seed each. The caller batches; results do not depend on the batch. `on_step(k, total)`
+    is called after each of the denoising steps (k = 1..total), e.g. for a progress bar."""
     settings.check()
     device, dtype = pipe.unet.device, pipe.unet.dtype
     n = len(seeds)
@@ -111,7 +112,7 @@ def decode(pipe, clip: np.ndarray, vae_latents: np.ndarray | None, prompts: Sequ
         latents = scheduler.add_noise(z, noise, timesteps[:1].repeat(n))
     else:
         latents = noise * scheduler.init_noise_sigma
-    for t in timesteps:
+    for k, t in enumerate(timesteps, start=1):
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         out = pipe.unet(model_input, t, encoder_hidden_states=text, class_labels=labels, return_dict=False)[0]
@@ -119,9 +120,25 @@ def decode(pipe, clip: np.ndarray, vae_latents: np.ndarray | None, prompts: Sequ
             uncond, cond = out.chunk(2)
             out = uncond + settings.guidance * (cond - uncond)
         latents = scheduler.step(out, t, latents, return_dict=False)[0]
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        if on_step is not None:
+            on_step(k, len(timesteps))
+    return to_uint8(pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8 (rounded, as diffusers' image processor)."""
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
     return images.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+
+
+@torch.no_grad()
+def vae_images(vae, latents: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) uint8: latents (n, C, h, w), scaled by the VAE's scaling_factor as the ViT3D's targets, through
+    an AutoencoderKL's decoder (the low-level reconstruction)."""
+    dtype = next(vae.parameters()).dtype
+    # a copy: a memory-mapped prediction file is read-only, torch wants writable memory
+    z = torch.from_numpy(np.array(latents, dtype=np.float32)).to(vae.device, dtype)
+    return to_uint8(vae.decode(z / vae.config.scaling_factor).sample)
 
 
 def sample_seed(seed: int, nsd_id: int, candidate: int = 0) -> int:

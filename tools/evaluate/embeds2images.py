@@ -64,8 +64,8 @@ from llava_brain.evaluation.predictions import KINDS, VAE_FILE, Predictions, fol
 from llava_brain.image_stage import check_model_folder, loading_model, model_files, model_setting, vae_source
 from llava_brain.io import StageRun, read_json, require_writable, staged_folder, write_json
 from llava_brain.layout import DatasetRoot
-from llava_brain.recon import UnclipSettings, check_pipeline_folder, closest_to_embedding, decode, load_pipeline
-from llava_brain.recon.unclip import sample_seed
+from llava_brain.recon import check_pipeline_folder, closest_to_embedding, decode, load_pipeline
+from llava_brain.recon.unclip import sample_seed, vae_images
 from llava_brain.train.accel import DTYPES
 
 DECODERS = ("vae", "unclip")
@@ -107,22 +107,7 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "the paper's; brief_description is Table 7's other row)",
     )
     u.add_argument("--no-text", action="store_true", help="no prompt (the 'w/o LLM' ablation)")
-    u.add_argument(
-        "--beta",
-        type=float,
-        default=0.93,
-        help="strength: share of the denoising steps run from the noised VAE latent (default 0.93)",
-    )
-    u.add_argument("--steps", type=int, default=20, help="denoising steps of the full schedule (default 20)")
-    u.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3.0)")
-    u.add_argument(
-        "--noise-level", type=int, default=0, help="noise augmentation of the CLIP embedding, 0..999 (default 0: none)"
-    )
-    u.add_argument(
-        "--no-vae-init",
-        action="store_true",
-        help="start from pure noise, not the predicted VAE latent (the 'w/o VAE feature' ablation)",
-    )
+    cli.add_unclip_settings(u)
     u.add_argument("--recons-per-sample", type=int, default=1,
                    help="draw K images per sample and keep the one closest to the predicted CLIP embedding "
                    "(MindEye's selection; default 1)")  # fmt: skip
@@ -149,21 +134,11 @@ def load_vae(name: str, device: str, dtype: torch.dtype):
         return AutoencoderKL.from_pretrained(name, torch_dtype=dtype, **extra).eval().to(device)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8 (rounded, as diffusers' image processor)."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
-    return images.permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
-
-
 @torch.no_grad()
-def decode_vae(vae, latents: np.ndarray, batch_size: int, device: str, quiet: bool):
+def decode_vae(vae, latents: np.ndarray, batch_size: int, quiet: bool):
     """Yield (start, uint8 images) per batch; latents are scaled by the VAE's scaling_factor (as the targets)."""
-    dtype = next(vae.parameters()).dtype
     for start in tqdm(range(0, len(latents), batch_size), desc="decode", unit="batch", disable=quiet):
-        # a copy: the memory-mapped file is read-only, torch wants writable memory
-        z = torch.from_numpy(np.array(latents[start : start + batch_size], dtype=np.float32))
-        z = z.to(device, dtype) / vae.config.scaling_factor
-        yield start, to_uint8(vae.decode(z).sample)
+        yield start, vae_images(vae, latents[start : start + batch_size])
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -202,14 +177,14 @@ def check_latents(pred: Predictions, vae) -> np.ndarray:
     return pred.vae
 
 
-def decode_folder(pred: Predictions, layout: DatasetRoot, vae, args, stage: StageRun, device: str) -> None:
+def decode_folder(pred: Predictions, layout: DatasetRoot, vae, args, stage: StageRun) -> None:
     latents = check_latents(pred, vae)
     stimuli = [require_file(layout.image(n), "the stimulus PNG (make_images.py)") for n in pred.nsd_ids]
     keys = pred.keys
     with staged_folder(stage.output) as staging:
         (staging / "recons").mkdir()
         (staging / "stimuli").mkdir()
-        for start, images in decode_vae(vae, latents, args.batch_size, device, args.quiet):
+        for start, images in decode_vae(vae, latents, args.batch_size, args.quiet):
             for k, image in enumerate(images, start):
                 Image.fromarray(image).save(staging / "recons" / f"{keys[k]}.png")
         for key, stimulus in zip(keys, stimuli, strict=True):
@@ -231,11 +206,6 @@ def write_index(staging: Path, pred: Predictions, keys: list[str], args, **extra
 
 
 # The unCLIP decoder ---------------------------------------------------------------------------------
-
-
-def unclip_settings(args) -> UnclipSettings:
-    return UnclipSettings(beta=args.beta, steps=args.steps, guidance=args.guidance, noise_level=args.noise_level,
-                          vae_init=not args.no_vae_init)  # fmt: skip
 
 
 def read_prompts(args, layout: DatasetRoot) -> dict[str, str] | None:
@@ -290,7 +260,7 @@ def unclip_folder(pred: Predictions, layout: DatasetRoot, pipe, args, stage: Sta
     and swap in the output folder."""
     texts = check_unclip_inputs(pred, pipe, args, prompts)
     stimuli = [require_file(layout.image(n), "the stimulus PNG (make_images.py)") for n in pred.nsd_ids]
-    keys, settings = pred.keys, unclip_settings(args)
+    keys, settings = pred.keys, cli.unclip_settings(args)
     work = stage.output.parent / f".{stage.output.name}.work"
     marker = {"settings": stage.settings, "inputs": stage.inputs}
     if (work / "settings.json").is_file() and read_json(work / "settings.json", "a work marker") != marker:
@@ -320,7 +290,7 @@ def unclip_folder(pred: Predictions, layout: DatasetRoot, pipe, args, stage: Sta
         shown = list(range(min(args.grid_count, len(keys))))
         low = None  # the grid's middle column: the low-level VAE decode of the predicted latent
         if pred.vae is not None and pred.vae.shape[1] == pipe.vae.config.latent_channels:
-            low = next(images for _, images in decode_vae(pipe.vae, pred.vae[shown], len(shown), pipe.device, True))
+            low = vae_images(pipe.vae, pred.vae[shown])
         write_grid(staging / "grid.png", [[staging / "stimuli" / f"{keys[k]}.png",
                                            *([low[k]] if low is not None else []),
                                            staging / "recons" / f"{keys[k]}.png"] for k in shown])  # fmt: skip
@@ -342,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         if bool(args.prompts) == bool(args.no_text):
             parser.error("--decoder unclip needs --prompts FILE (the prompts) or --no-text (none), not both")
         try:
-            unclip_settings(args).check()
+            cli.unclip_settings(args).check()
         except ValueError as err:
             parser.error(str(err))
     layout = DatasetRoot(args.dataset_root)
@@ -363,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 "precision": args.precision, "run": args.predictions.name}  # fmt: skip
     prompts = None
     if args.decoder == "unclip":
-        settings.update(unclip=vars(unclip_settings(args)), prompt_task=None if args.no_text else args.prompt_task,
+        settings.update(unclip=vars(cli.unclip_settings(args)), prompt_task=None if args.no_text else args.prompt_task,
                         recons_per_sample=args.recons_per_sample, label=args.label)  # fmt: skip
         check_pipeline_folder(args.model)
         prompts = read_prompts(args, layout)
@@ -401,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.decoder == "unclip":
             unclip_folder(pred, layout, pipe, args, stage, prompts)
         else:
-            decode_folder(pred, layout, vae, args, stage, device)
+            decode_folder(pred, layout, vae, args, stage)
         print(f"{stage.output}: {len(pred)} reconstructions ({args.decoder}), grid -> {stage.output / 'grid.png'}")
     return 0
 

@@ -48,13 +48,13 @@ from tqdm import tqdm
 
 from llava_brain import cli, runtime
 from llava_brain.errors import BadInputError, exits_on_bad_input, require_file
+from llava_brain.evaluation import concepts
 from llava_brain.evaluation.predictions import KINDS, prediction_samples
-from llava_brain.io import StageRun, read_json, require_writable, staged_folder, write_bytes, write_json
+from llava_brain.io import StageRun, require_writable, staged_folder, write_bytes, write_json
 from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.subjects import sample_index
 
 SPLIT = "te"
-ROIS = ("early", "midventral", "midlateral", "midparietal", "ventral", "lateral", "parietal")  # streams atlas
 
 
 def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -129,17 +129,6 @@ def slug(concept: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", concept.lower()).strip("_") or "concept"
 
 
-def load_vit3d(folder: Path, device: str):
-    """(Vit3dRun, model) of a pretrain_vit3d.py folder; one that is not a ViT3D with a CLIP head is refused."""
-    from llava_brain.evaluation.encoders import Vit3dRun
-
-    run = Vit3dRun.load(folder)
-    config = read_json(run.final / "config.json", "the ViT3D config (final/config.json)")
-    if config.get("model_type") != "vit3d" or not config.get("clip_dim"):
-        raise BadInputError(run.final / "config.json", "is not a ViT3D with a CLIP head (model_type vit3d, clip_dim)")
-    return run, run.model(device)
-
-
 def write_map(folder: Path, name: str, volume: np.ndarray, info: dict, subject_data: dict, top: int) -> None:
     """<name>.nii.gz, <name>.png and <name>.json of one map on the subject's grid."""
     import nibabel as nib
@@ -157,22 +146,6 @@ def write_map(folder: Path, name: str, volume: np.ndarray, info: dict, subject_d
                                          "roi_share": roi_shares(volume, subject_data["rois"])})  # fmt: skip
 
 
-def subject_data(layout: DatasetRoot, subject: int, region: str) -> dict:
-    """The subject's brain mask, ROI masks, region, affine and mean volume (the montage's background)."""
-    meta = read_json(layout.whole_meta(subject), "make_subjmri.py's whole-brain metadata (grid, affine)")
-    path = require_file(layout.whole_masks(subject), "the whole-brain masks (masks.npz) of make_subjmri.py")
-    with np.load(path) as masks:
-        for name in ("brain", region):
-            if name not in masks.files:
-                raise BadInputError(path, f"has no mask {name!r}; it has {sorted(masks.files)}")
-        data = {"brain": masks["brain"].astype(bool), "region": masks[region].astype(bool),
-                "rois": {r: masks[r].astype(bool) for r in ROIS if r in masks.files}}  # fmt: skip
-    mean = np.load(require_file(layout.whole_stats(subject, "mean"), "the whole-brain mean betas of make_subjmri.py"))
-    data["mean"] = np.asarray(mean, dtype=np.float32)
-    data["affine"] = np.asarray(meta.get("affine", np.eye(4)), dtype=np.float64)
-    return data
-
-
 class Locator:
     """The loaded models (the scored ViT3D, the ensemble, the CLIP text tower, optionally a Brain-LLaVA)."""
 
@@ -182,7 +155,7 @@ class Locator:
 
         hf_logging.disable_progress_bar()
         self.args, self.device = args, cli.resolve_device(args.device)
-        self.runs = [load_vit3d(folder, self.device) for folder in [args.model, *args.ensemble]]
+        self.runs = [concepts.load_clip_vit3d(folder, self.device) for folder in [args.model, *args.ensemble]]
         self.run, self.model = self.runs[0]
         self.text_model = CLIPTextModelWithProjection.from_pretrained(args.clip_text).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(args.clip_text)
@@ -219,7 +192,6 @@ class Locator:
         scores (n,) of the scored model)."""
         import torch
 
-        from llava_brain.evaluation import concepts
         from llava_brain.evaluation.encoders import prepared_volumes
 
         per_model, scores = [], None
@@ -241,7 +213,6 @@ class Locator:
         """The zeroing check on the scored model, with subject-grid volumes (each sample's rows averaged)."""
         import torch
 
-        from llava_brain.evaluation import concepts
         from llava_brain.model.processor import resize_volumes
 
         grid = tuple(self.model.config.grid)
@@ -311,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for subject in subjects:
         betas, path = open_betas(layout, subject, SPLIT), layout.whole_betas(subject, SPLIT)
         read_split(layout, subject, SPLIT, len(betas))
-        data = subject_data(layout, subject, region_name)
+        data = concepts.subject_data(layout, subject, region_name)
         for concept in args.concept:
             stage = StageRun(out / f"{subject_name(subject)}_{args.kind}" / slug(concept),
                              settings=settings_of(args, locator, subject, concept),
