@@ -1,6 +1,7 @@
 # Two entry points, both self-contained on a fresh machine:
 #   make demo   create .venv, install, run every stage on mini-NSD with tiny models (CPU)
 #   make test   same set-up, then ruff and the whole pytest suite (CPU, offline)
+#   make web    after make demo: the web demo on the demo's models, http://127.0.0.1:$(WEB_PORT)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,12 +9,13 @@ BIN    := $(VENV)/bin
 # so a second `make test` installs nothing.
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_out
+WEB_PORT ?= 7860
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TORCH_HOME := $(CURDIR)/.cache/torch
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean web
 
 setup: $(STAMP)
 
@@ -27,6 +29,10 @@ $(STAMP): pyproject.toml requirements.txt requirements-dev.txt requirements-node
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" DEMO_DIR="$(DEMO_DIR)" bash scripts/demo.sh
+
+# The demo's tiny unCLIP runs 8 denoising steps there, as in the demo (scripts/demo.sh, step 20).
+web: $(STAMP)
+	$(BIN)/python tools/web_demo.py --demo-dir "$(DEMO_DIR)" --steps 8 --port $(WEB_PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
