@@ -39,9 +39,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # One torch thread per test process unless the caller says otherwise: results compared bit for bit
-# stay comparable, and a loaded CI machine is not slowed down by spinning OpenMP threads.
+# stay comparable, and a loaded CI machine is not slowed down by spinning OpenMP threads. TEST_WORKERS
+# processes (pytest-xdist; 2 = the CPU machines' cores) share the suite, each test module on one of them.
+TEST_WORKERS ?= 2
 test: lint
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

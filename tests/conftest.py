@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -31,3 +32,30 @@ def small_tree(tmp_path_factory) -> NsdTree:
     out = tmp_path_factory.mktemp("small") / "nsd"
     write_mini_nsd(out, MiniNsdConfig(**SMALL, sessions=3), progress=False)
     return NsdTree(out)
+
+
+try:
+    import xdist.scheduler
+except ImportError:  # pytest-xdist is a dev requirement; without it the suite runs in one process
+    xdist = None
+
+if xdist is not None:
+
+    def pytest_xdist_make_scheduler(config, log):
+        """`make test` runs the suite in 2 processes (pytest-xdist). Each test module goes to one process, so its
+        module fixtures are built once; the modules that share mini_chain's session-wide chain (minutes to build,
+        once per process) go to the same one, so it is built once. (xdist's own --dist loadgroup did not group
+        here, with pytest 9.2 and xdist 3.8: even a module's xdist_group mark left its tests on both processes.)"""
+        root = config.rootpath
+
+        class ModuleScheduling(xdist.scheduler.LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                path = nodeid.split("::", 1)[0]
+                return "mini_chain" if _imports_mini_chain(root / path) else path
+
+        return ModuleScheduling(config, log)
+
+
+@functools.cache
+def _imports_mini_chain(path: Path) -> bool:
+    return path.suffix == ".py" and "from mini_chain import" in path.read_text()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from transformers import TextStreamer
+from transformers.utils import logging as transformers_logging
 
 from llava_brain import cli
 from llava_brain.errors import BadInputError, exits_on_bad_input
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     scripted = lines_of(args)
+    # The terminal holds the conversation: no weight-loading bars in it (and an error stays one line).
+    transformers_logging.disable_progress_bar()
     model, processor = load_brain_llava(args.model, torch_dtype=DTYPES[args.precision],
                                         device=cli.resolve_device(args.device))  # fmt: skip
     try:
