@@ -413,3 +413,4 @@ python tools/evaluate/make_report.py \
   --note "Simulated data (mini-NSD, 100 test images per subject) and tiny models trained for seconds: compare each measured row with its control row, not with the published rows (real NSD, full-size models)."
 echo "   ($((SECONDS - STEP_START)) s)"
 echo "report: $DEMO_DIR/report.md (the demo took $SECONDS s)"
+echo "the web demo on these models: make web (http://127.0.0.1:7860; docs/web_demo.md)"

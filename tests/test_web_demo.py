@@ -53,7 +53,7 @@ def demo(tmp_path_factory):
     page, url = web.launch(args, backend, block=False)
     choices = backend.sample_choices(backend.subjects()[0])
     yield {"web": web, "backend": backend, "url": url, "root": chain["root"], "model": llava["model"],
-           "folders": [str(a) for a in folders], "choices": choices}  # fmt: skip
+           "predictions": chain["predictions"], "folders": [str(a) for a in folders], "choices": choices}  # fmt: skip
     page.close()
     for key, value in saved.items():
         if value is None:
@@ -152,6 +152,26 @@ def test_a_running_reconstruction_does_not_hold_up_another_tabs_chat(demo, monke
     finally:
         release.set()
     assert Image.open(job_a.result(timeout=EVENT_TIMEOUT_MS / 1000)).size[0] > 0
+
+
+def test_the_pages_images_are_the_decoders_from_the_prediction_files(demo):
+    """Independent of the backend's own ViT3D pass: fmri2embeds.py's prediction file for the sample, through
+    llava_brain.recon with embeds2images' per-image seed, gives the page's low-level and unCLIP images (up to the
+    last bit of a batched vs a single ViT3D forward pass, so a pixel may differ by one level)."""
+    from llava_brain.evaluation.predictions import Predictions, folder_name
+    from llava_brain.recon import decode, sample_seed, vae_images
+
+    backend, sample = demo["backend"], demo["choices"][4][1]
+    subject = backend.sample(sample).subject
+    pred = Predictions.load(demo["predictions"] / folder_name(subject, "avg"))
+    row = pred.samples.index(sample)
+    low = vae_images(backend.pipe.vae, pred.vae[row : row + 1])[0]
+    seeds = [sample_seed(0, int(pred.nsd_ids[row]))]
+    recon = decode(backend.pipe, pred.clip[row : row + 1], pred.vae[row : row + 1], ["a prompt"], seeds,
+                   backend.settings)[0]  # fmt: skip
+    for page, expected in ((backend.low_level(sample), low), (backend.reconstruct(sample, "a prompt"), recon)):
+        difference = np.abs(page.astype(int) - expected.astype(int))
+        assert difference.max() <= 1 and difference.mean() < 0.05, (difference.max(), difference.mean())
 
 
 @pytest.mark.parametrize("which", ["--model", "--decoder", "--dataset-root"])

@@ -97,11 +97,10 @@ def demo_paths(args: argparse.Namespace):
 
 
 def load_backend(args: argparse.Namespace):
-    """Check every folder (one line on the first bad one), then load the models once."""
+    """Load the models once; DemoBackend checks every folder first (one line on the first bad one)."""
     from llava_brain.web.backend import DemoBackend
 
     paths = demo_paths(args)
-    paths.check()
     if args.quiet:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -109,9 +108,14 @@ def load_backend(args: argparse.Namespace):
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
     settings = cli.unclip_settings(args)
+
+    def report(message: str) -> None:
+        if not args.quiet:
+            print(message, file=sys.stderr)
+
     return DemoBackend(paths, device=cli.resolve_device(args.device), dtype=DTYPES[args.precision],
                        settings=settings, prompt_task=args.prompt_task, max_new_tokens=args.max_new_tokens,
-                       seed=args.seed, progress=lambda m: args.quiet or print(m, file=sys.stderr))  # fmt: skip
+                       seed=args.seed, progress=report)  # fmt: skip
 
 
 def launch(args: argparse.Namespace, backend, *, block: bool = True):

@@ -25,7 +25,14 @@ from llava_brain.errors import BadInputError, require_file
 from llava_brain.evaluation import generation as gen
 from llava_brain.evaluation.predictions import prediction_samples
 from llava_brain.layout import DatasetRoot, subject_name
-from llava_brain.recon.unclip import UnclipSettings, sample_seed
+from llava_brain.recon.unclip import (
+    UnclipSettings,
+    check_pipeline_folder,
+    decode,
+    load_pipeline,
+    sample_seed,
+    vae_images,
+)
 from llava_brain.subjects import Sample, prepared_subjects, sample_index
 
 SPLIT = "te"
@@ -61,7 +68,6 @@ class DemoPaths:
     def check(self) -> None:
         """BadInputError (one line naming the path) for the first folder that is missing or of the wrong kind."""
         from llava_brain.image_stage import check_model_folder, is_hub_id
-        from llava_brain.recon import check_pipeline_folder
 
         require_file(self.model / "config.json", "a Brain-LLaVA folder (llava_brain.train's --output_dir/final)")
         require_file(self.vision_tower / "final" / "config.json", "a pretrain_vit3d.py --out folder (final/)")
@@ -87,7 +93,6 @@ class DemoBackend:
 
         from llava_brain.evaluation.concepts import load_clip_vit3d
         from llava_brain.model.brain_llava import load_brain_llava
-        from llava_brain.recon import load_pipeline
 
         paths.check()
         self.paths, self.device, self.seed = paths, device, seed
@@ -161,14 +166,10 @@ class DemoBackend:
 
     def low_level(self, reference: str) -> np.ndarray:
         """(H, W, 3) uint8: the predicted VAE latent through the decoder's VAE (the low-level reconstruction)."""
-        from llava_brain.recon.unclip import vae_images
-
         return vae_images(self.pipe.vae, self.embeddings(reference)[1])[0]
 
     def reconstruct(self, reference: str, prompt: str, on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
         """(H, W, 3) uint8: the full decoder from the predicted CLIP and VAE embeddings and `prompt`."""
-        from llava_brain.recon import decode
-
         clip, vae = self.embeddings(reference)
         seeds = [sample_seed(self.seed, self.sample(reference).nsd_id)]
         return decode(self.pipe, clip, vae, [prompt], seeds, self.settings, on_step=on_step)[0]
