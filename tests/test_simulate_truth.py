@@ -83,3 +83,30 @@ def test_rebuilt_from_a_written_tree(tmp_path, truth):
     np.testing.assert_array_equal(rebuilt.map("red"), truth.map("red"))
     with pytest.raises(FileNotFoundError, match=r"run\.json: missing"):
         tree_config(tmp_path)
+
+
+def _on_grid(anatomy, values: np.ndarray, grid) -> np.ndarray:
+    """(V, C) per-brain-voxel values as (*grid, C): the subject's volume resized onto another grid (the
+    normalised head coordinates scale with the grid, so this compares the same places of two heads)."""
+    from scipy.ndimage import zoom
+
+    volume = np.zeros((*anatomy.grid, values.shape[1]), np.float32)
+    volume[anatomy.brain] = values
+    return zoom(volume, [g / n for g, n in zip(grid, anatomy.grid, strict=True)] + [1], order=1)
+
+
+def test_subjects_share_the_layout_of_their_semantic_read_outs(truth):
+    """At the same place of two heads the semantic read-outs agree (their shared template, 80 % of the variance),
+    while the low-level colour tuning, drawn per subject, does not."""
+    other = subject_truth(CONFIG, 2)
+    grid, inside = truth.anatomy.grid, truth.anatomy.brain
+    both = inside & (_on_grid(other.anatomy, np.ones((other.model.baseline.size, 1)), grid)[..., 0] > 0.99)
+    for name, mine, theirs in (("semantic", truth.model.semantic, other.model.semantic),
+                               ("colour", truth.model.colour, other.model.colour)):  # fmt: skip
+        a = _on_grid(truth.anatomy, mine, grid)[both]
+        b = _on_grid(other.anatomy, theirs, grid)[both]
+        r = np.mean([np.corrcoef(a[:, k], b[:, k])[0, 1] for k in range(a.shape[1])])
+        if name == "semantic":
+            assert r > 0.5, r
+        else:
+            assert abs(r) < 0.2, r

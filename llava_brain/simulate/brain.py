@@ -12,7 +12,8 @@ Response (percent signal change) of voxel v to image i on one trial:
 r_v(i) has unit variance over images and mixes a retinotopic low-level term (a Gaussian
 receptive field on a 16×16 thumbnail with voxel-specific colour tuning; strong in `early`)
 with a semantic term (a smooth random linear read-out of shapes, colours, count, size and
-background; strong in `ventral`/`lateral`/`parietal`). eps mixes independent and spatially
+background; strong in `ventral`/`lateral`/`parietal`; its layout is mostly shared by all subjects,
+`SHARED_SEMANTIC`). eps mixes independent and spatially
 smooth noise. ncsnr_v is the noise-ceiling SNR (signal sd / noise sd), 0.1–0.3 in visual
 cortex as for good NSD voxels, ~0 elsewhere.
 """
@@ -28,6 +29,10 @@ STREAMS = ("early", "midventral", "midlateral", "midparietal", "ventral", "later
 # Weight of the low-level (retinotopic) term per streams label; the rest is semantic.
 LOW_LEVEL_WEIGHT = {1: 1.0, 2: 0.6, 3: 0.6, 4: 0.6, 5: 0.15, 6: 0.25, 7: 0.35}
 RF_GRID = 16
+# The semantic read-outs share a layout across subjects, as category-selective cortex does: a template field
+# over the normalised head coordinates, sampled at each subject's voxels, holds this share of their variance.
+SHARED_SEMANTIC = 0.8
+TEMPLATE_GRID, TEMPLATE_EXTENT, TEMPLATE_SIGMA = 32, 1.1, 2.8  # 2.8 template voxels ~ 2.5 subject voxels
 # Regions are cones around the occipital pole (angle from the posterior axis, radians).
 EARLY_POLE_ANGLE, MID_POLE_ANGLE, VISUAL_POLE_ANGLE, NSDGENERAL_POLE_ANGLE = (
     0.6,
@@ -105,8 +110,28 @@ class ResponseModel:
     noise_basis: np.ndarray  # (K, V) smooth spatial noise components
 
 
+def template_field(rng: np.random.Generator, channels: int, sigma: float = TEMPLATE_SIGMA) -> np.ndarray:
+    """(TEMPLATE_GRID,) * 3 + (channels,) smooth unit-variance fields over the normalised head coordinates
+    [-TEMPLATE_EXTENT, TEMPLATE_EXTENT]^3: a functional layout every subject shares."""
+    return smooth_field(rng, (TEMPLATE_GRID,) * 3, sigma=sigma, channels=channels)
+
+
+def sample_template(template: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """(V, channels) trilinear samples of a template field at (V, 3) normalised coordinates."""
+    from scipy.ndimage import map_coordinates
+
+    index = (coords + TEMPLATE_EXTENT) / (2 * TEMPLATE_EXTENT) * (TEMPLATE_GRID - 1)
+    return np.stack([map_coordinates(template[..., c], index.T, order=1, mode="nearest")
+                     for c in range(template.shape[-1])], axis=1).astype(np.float32)  # fmt: skip
+
+
 def build_response_model(
-    rng: np.random.Generator, anat: Anatomy, num_semantic: int, snr_range=(0.1, 0.3), num_noise_components=16
+    rng: np.random.Generator,
+    anat: Anatomy,
+    num_semantic: int,
+    snr_range=(0.1, 0.3),
+    num_noise_components=16,
+    shared_semantic: np.ndarray | None = None,
 ) -> ResponseModel:
     grid, brain = anat.grid, anat.brain
     visual = ((anat.streams > 0) | (anat.nsdgeneral > 0))[brain]
@@ -133,6 +158,10 @@ def build_response_model(
     opponent = smooth_field(rng, grid, sigma=3.0, channels=3)[brain]
     colour = 1.0 / 3.0 + 0.5 * opponent / np.linalg.norm(opponent, axis=1, keepdims=True)
     semantic = smooth_field(rng, grid, sigma=2.5, channels=num_semantic)[brain]
+    if shared_semantic is not None:
+        common = sample_template(shared_semantic, anat.coords[brain])
+        common /= common.std(axis=0, keepdims=True)
+        semantic = np.sqrt(SHARED_SEMANTIC) * common + np.sqrt(1 - SHARED_SEMANTIC) * semantic
     low_weight = np.array([LOW_LEVEL_WEIGHT.get(int(v), 0.5) for v in labels], dtype=np.float32)
 
     lo, hi = snr_range

@@ -92,7 +92,9 @@ def subject_brain(cfg: MiniNsdConfig, subject: int) -> tuple[brain.Anatomy, brai
     """A subject's anatomy and response model. Their random streams are (seed, component, subject): the same
     subject gets the same brain whatever the tree's other subjects or settings but seed, grid and SNR."""
     anat = brain.build_anatomy(_rng(cfg.seed, 10, subject), cfg.grid(subject), VOXEL_SIZE_MM / cfg.grid_scale)
-    model = brain.build_response_model(_rng(cfg.seed, 11, subject), anat, len(scenes.FEATURE_NAMES), cfg.snr_range)
+    shared = brain.template_field(_rng(cfg.seed, 13), len(scenes.FEATURE_NAMES))  # the same for every subject
+    model = brain.build_response_model(_rng(cfg.seed, 11, subject), anat, len(scenes.FEATURE_NAMES), cfg.snr_range,
+                                       shared_semantic=shared)  # fmt: skip
     return anat, model
 
 
