@@ -389,21 +389,32 @@ for HALF in "subj01" "subj02 subj05 subj07"; do
 done
 join_side
 
-step "22. concept localization: Grad-CAM maps of a colour and a shape, the zeroing check, mini-NSD's ground truth"
-echo "   (the demo's 4-subject ViT3D on subjects 1 and 2; docs/concepts.md says what these figures show and why)"
-python tools/evaluate/locate_concepts.py \
-  --model "$DATASET_ROOT/runs/vit3d" \
-  --clip-text "$TINY/clip_text" \
-  --dataset-root "$DATASET_ROOT" \
-  --subject 1 2 \
-  --concept red circle \
-  --device cpu \
-  --quiet
-python tools/evaluate/eval_concepts.py \
-  --concepts "$DATASET_ROOT/runs/concepts/vit3d" \
-  --dataset-root "$DATASET_ROOT" \
-  --nsd-root "$NSD_ROOT" \
-  --json "$EVAL/concepts_vit3d.json"
+step "22. concept localization: the encoding pattern and the paper's Grad-CAM of two colours, zeroing, the truth"
+echo "   (the demo's 4-subject ViT3D on subjects 1 and 2, each colour against the six; no shapes: the tiny CLIP's"
+echo "   text tower does not tell them apart; docs/concepts.md says what these figures show and why)"
+for METHOD in pattern gradcam; do
+  OMP_NUM_THREADS=1 python tools/evaluate/locate_concepts.py \
+    --model "$DATASET_ROOT/runs/vit3d" \
+    --clip-text "$TINY/clip_text" \
+    --dataset-root "$DATASET_ROOT" \
+    --subject 1 2 \
+    --concept blue red \
+    --method "$METHOD" \
+    --versus red green blue yellow purple white \
+    --out "$DATASET_ROOT/runs/concepts/vit3d_$METHOD" \
+    --device cpu \
+    --quiet > "$EVAL/locate_$METHOD.log" &
+  SIDE+=($!)
+done
+join_side
+for METHOD in pattern gradcam; do
+  cat "$EVAL/locate_$METHOD.log"
+  python tools/evaluate/eval_concepts.py \
+    --concepts "$DATASET_ROOT/runs/concepts/vit3d_$METHOD" \
+    --dataset-root "$DATASET_ROOT" \
+    --nsd-root "$NSD_ROOT" \
+    --json "$EVAL/concepts_vit3d_$METHOD.json"
+done
 
 step "23. the report: retrieval, Table 2 and Table 1 layouts with control and published rows, grids, concept maps"
 python tools/evaluate/make_report.py \

@@ -18,6 +18,18 @@ Outside the subject's brain mask the map is 0. Several layers: the mean of their
 (`ensemble_maps`, e.g. patch sizes 14, 12, 10): each map scaled to a maximum of 1, then averaged, which
 refines the map where the patch borders differ.
 
+The encoding pattern (`EncodingPattern`, Haufe et al., 2014), the alternative to Grad-CAM: a gradient map says
+where a decoder takes its evidence from, which is not where the brain encodes the concept (a decoder also
+weights voxels that only cancel noise). The pattern asks the encoding question of the decoder's output: over a
+subject's samples x_i, the Pearson correlation of each voxel's beta x_i[v] with the concept score s(x_i),
+
+    pattern[v] = |corr_i(x_i[v], s(x_i))|
+
+one map per subject and concept, on the subject's own grid (no patches, no upsampling). `contrast_targets`
+turns the target into t_c - mean(t_versus): the score then rises with the concept *more than* with a
+vocabulary of related concepts (the class-discriminative score of Grad-CAM's softmax), which removes what all
+concepts share (e.g. "some coloured object is there").
+
 Ablation (`ablation_drops`): the top k voxels of a sample's map inside a region are set to 0 (the betas are
 z-scored, so 0 is the voxel's mean response) and the ViT3D is run again; the drop of the concept score is
 compared, sample by sample, with zeroing as many random voxels of the same region.
@@ -80,6 +92,42 @@ def concept_embeddings(text_model, tokenizer, texts: Sequence[str], template: st
     with torch.no_grad():
         embeds = text_model(**{k: v.to(device) for k, v in batch.items()}).text_embeds.float()
     return F.normalize(embeds, dim=-1)
+
+
+def contrast_targets(targets: torch.Tensor, versus: torch.Tensor) -> torch.Tensor:
+    """(n, D) directions t - mean(versus) for (n, D) unit concept embeddings and (K, D) vocabulary embeddings; the
+    concept may be among the vocabulary (the direction is then scaled, not turned)."""
+    directions = targets - versus.mean(dim=0, keepdim=True)
+    if bool((directions.norm(dim=-1) < 1e-6).any()):
+        raise ValueError("a concept's contrast is empty: --versus needs concepts other than the one located")
+    return directions
+
+
+class EncodingPattern:
+    """Running sums for `pattern[v] = |corr_i(x_i[v], s_i)|` over batches of samples (module docstring), so the
+    full-scale test set (1000 volumes x 700k voxels) never has to be in memory at once."""
+
+    def __init__(self):
+        self.n, self.sx, self.sxx, self.sxs, self.ss, self.sss = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, volumes: np.ndarray, scores: np.ndarray) -> None:
+        """volumes (batch, *grid) float, scores (batch,) the concept score of each volume."""
+        x = np.asarray(volumes, dtype=np.float64)
+        s = np.asarray(scores, dtype=np.float64).reshape(-1, *([1] * (x.ndim - 1)))
+        self.n += len(x)
+        self.sx, self.sxx, self.sxs = self.sx + x.sum(0), self.sxx + (x * x).sum(0), self.sxs + (x * s).sum(0)
+        self.ss, self.sss = self.ss + float(s.sum()), self.sss + float((s * s).sum())
+
+    def result(self) -> np.ndarray:
+        """(*grid) float32 |Pearson r|; 0 where a voxel or the score does not vary. Needs at least 3 samples."""
+        if self.n < 3:
+            raise ValueError(f"an encoding pattern needs at least 3 samples, got {self.n}")
+        cov = self.sxs / self.n - (self.sx / self.n) * (self.ss / self.n)
+        var_x = np.maximum(self.sxx / self.n - (self.sx / self.n) ** 2, 0.0)
+        var_s = max(self.sss / self.n - (self.ss / self.n) ** 2, 0.0)
+        denom = np.sqrt(var_x * var_s)
+        r = np.divide(cov, denom, out=np.zeros_like(denom), where=denom > 1e-12)
+        return np.abs(r).astype(np.float32)
 
 
 def mentions(texts: Sequence[str], concept: str) -> bool:

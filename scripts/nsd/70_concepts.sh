@@ -12,8 +12,9 @@
 # current. Time not measured (no GPU was available): two more ViT3D trainings (~8 h each on one A100 in the
 # paper's setting), then minutes per concept; disk: at most 2.8 MB per NIfTI map (81 x 104 x 83 float32 before gzip).
 #
-# On mini-NSD (CPU, minutes; docs/concepts.md gives what it measured): its semantic maps are random per subject,
-# so the concept models are trained on subject 1 alone, with the demo's tiny configuration:
+# METHOD=pattern maps the concept score's encoding pattern instead of Grad-CAM (docs/concepts.md).
+# On mini-NSD (CPU, minutes; docs/concepts.md gives what it measured), the concept models trained on subject 1
+# alone, with the demo's tiny configuration:
 #   DATASET_ROOT=demo_out/root NSD_ROOT=demo_out/mini_nsd CLIP_TEXT=demo_out/tiny_models/clip_text \
 #   MAIN=demo_out/root/runs/vit3d \
 #   TRAIN_SUBJECTS=1 SUBJECTS=1 CONCEPTS="red circle" PATCHES="5 4" NUM_LAYERS=2 HIDDEN_SIZE=128 NUM_HEADS=8 \
@@ -37,6 +38,7 @@ LR=${LR:-5e-4}
 DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 LLAVA=${LLAVA:-}
+METHOD=${METHOD:-gradcam}
 OUT=${OUT:-$DATASET_ROOT/runs/concepts/ensemble}
 NSD_ROOT=${NSD_ROOT:-}  # a mini-NSD tree: the maps are also scored against its ground truth
 
@@ -71,6 +73,7 @@ python tools/evaluate/locate_concepts.py \
   --subject $SUBJECTS \
   --concept $CONCEPTS \
   --layers -2 \
+  --method "$METHOD" \
   --device "$DEVICE" \
   --out "$OUT" \
   --from-llava="$LLAVA"

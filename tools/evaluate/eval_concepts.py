@@ -85,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         if ablation:
             ablation.pop("per_sample", None)
         row = {"subject": subject, "kind": index["kind"], "concept": concept, "folder": str(folder),
+               "method": index.get("method", "gradcam"), "versus": index.get("versus", []),
                "samples": len(index["samples"]), "patch_sizes": index.get("patch_sizes"), "truth": None,
                "ablation": ablation, "montage": str(folder / "mean.png")}  # fmt: skip
         rows.append(row)
-        text = f"subj{subject:02d} {concept:10s}"
+        text = f"subj{subject:02d} {concept:10s} {row['method']:8s}"
         if ablation:
             text += (f" zeroing: drop {ablation['drop_located']:+.4f} vs random {ablation['drop_random']:+.4f} "
                      f"(p {ablation['wilcoxon_p']:.2g})")  # fmt: skip

@@ -10,6 +10,12 @@ its brain mask (llava_brain/evaluation/concepts.py). --ensemble adds ViT3Ds of o
 sample's maps are scaled to a maximum of 1 and averaged. --from-llava asks a Brain-LLaVA, per sample,
 `Locating the concept of "<concept>"` and locates its answer instead of the concept itself.
 
+--method pattern replaces Grad-CAM by the concept's encoding pattern (Haufe et al., 2014): over all the
+subject's test samples of --kind, the correlation of each voxel's beta with the concept score, one map per
+subject and concept on the subject's own grid (no per-sample maps; docs/concepts.md says why it exists).
+--versus makes the score contrastive: the target becomes t_concept - mean(t_versus), so the map shows what
+sets the concept apart from a vocabulary of related ones (for either method).
+
 Ablation (unless --no-ablation): the top --ablate-fraction of the region's voxels (--region, default the
 area the model's tokens cover) in each sample's map are set to 0 and the --model is run again; the drop of
 the concept's cosine similarity is compared with zeroing as many random voxels of the region
@@ -32,7 +38,7 @@ Full scale (ViT3Ds of patch 14, 12, 10 from scripts/nsd/70_concepts.sh; one GPU,
 Tiny (demo root, CPU, seconds):
   python tools/evaluate/locate_concepts.py --model demo_out/root/runs/vit3d \\
       --clip-text demo_out/tiny_models/clip_text --dataset-root demo_out/root --subject 1 --concept red blue \\
-      --device cpu
+      --method pattern --versus red green blue yellow purple white --device cpu
 """
 
 from __future__ import annotations
@@ -90,6 +96,12 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="only these test images (nsdId), e.g. to map one picture")  # fmt: skip
     p.add_argument("--max-samples", type=int, default=None, help="at most this many samples per concept")
     # Method
+    p.add_argument("--method", choices=["gradcam", "pattern"], default="gradcam",
+                   help="gradcam = the paper's Grad-CAM per sample (default); pattern = the concept score's "
+                   "encoding pattern over all test samples of --kind")  # fmt: skip
+    p.add_argument("--versus", nargs="+", default=[],
+                   help="a vocabulary the concept is contrasted with: the target becomes t_concept - mean(t_versus) "
+                   "(e.g. red green blue yellow; default none)")  # fmt: skip
     p.add_argument(
         "--template",
         default="{}",
@@ -209,6 +221,27 @@ class Locator:
             scores = np.concatenate(found) if k == 0 else scores
         return concepts.ensemble_maps(per_model), scores
 
+    def pattern(self, betas, samples, path: Path, target, brain: np.ndarray, bar) -> tuple[np.ndarray, np.ndarray]:
+        """(the encoding pattern (*brain.shape) of each model, scaled to max 1 and averaged, 0 outside `brain`;
+        scores (n,) of the scored model) over `samples`, one (D,) target for all."""
+        import torch
+
+        from llava_brain.evaluation.encoders import prepared_volumes
+
+        per_model, scores = [], None
+        for k, (_, model) in enumerate(self.runs):
+            grid, pattern, found = tuple(model.config.grid), concepts.EncodingPattern(), []
+            for start in range(0, len(samples), self.args.batch_size):
+                batch = samples[start : start + self.args.batch_size]
+                volumes = torch.from_numpy(prepared_volumes(betas, grid, batch, path)).to(self.device, torch.float32)
+                with torch.no_grad():
+                    found.append(concepts.concept_scores(model, volumes, target).cpu().numpy())
+                pattern.add(subject_volumes(betas, batch), found[-1])
+                bar.update(len(batch))
+            per_model.append(np.where(brain, pattern.result(), 0.0)[None])
+            scores = np.concatenate(found) if k == 0 else scores
+        return concepts.ensemble_maps(per_model)[0], scores
+
     def ablation(self, betas, samples, targets, maps: np.ndarray, region: np.ndarray) -> dict:
         """The zeroing check on the scored model, with subject-grid volumes (each sample's rows averaged)."""
         import torch
@@ -216,7 +249,7 @@ class Locator:
         from llava_brain.model.processor import resize_volumes
 
         grid = tuple(self.model.config.grid)
-        volumes = np.stack([np.asarray(betas[list(s.rows)], dtype=np.float32).mean(axis=0) for s in samples])
+        volumes = subject_volumes(betas, samples)
 
         def score(batch: np.ndarray, i: int) -> np.ndarray:
             resized = torch.from_numpy(resize_volumes(batch, grid)).to(self.device)
@@ -225,6 +258,11 @@ class Locator:
 
         return concepts.ablation_drops(score, volumes, maps, region, fraction=self.args.ablate_fraction,
                                        repeats=self.args.ablate_repeats, seed=self.args.seed)  # fmt: skip
+
+
+def subject_volumes(betas, samples) -> np.ndarray:
+    """(n, X, Y, Z) float32 on the subject's grid: each sample's rows averaged."""
+    return np.stack([np.asarray(betas[list(s.rows)], dtype=np.float32).mean(axis=0) for s in samples])
 
 
 def select_samples(args, layout: DatasetRoot, subject: int, concept: str, captions: dict) -> list:
@@ -252,7 +290,8 @@ def settings_of(args, locator: Locator, subject: int, concept: str) -> dict:
             "clip_text": str(args.clip_text), "from_llava": str(args.from_llava) if args.from_llava else None,
             "subject": subject, "kind": args.kind, "concept": concept, "samples": args.samples,
             "nsd_ids": args.nsd_ids, "max_samples": args.max_samples, "template": args.template,
-            "layers": args.layers, "region": args.region or locator.run.area, "top_voxels": args.top_voxels,
+            "layers": args.layers, "method": args.method, "versus": args.versus,
+            "region": args.region or locator.run.area, "top_voxels": args.top_voxels,
             "ablation": None if args.no_ablation else [args.ablate_fraction, args.ablate_repeats, args.seed],
             "sample_files": not args.no_sample_files}  # fmt: skip
 
@@ -268,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ablate-fraction must be in (0, 1)")
     if "{}" not in args.template:
         parser.error("--template needs {} where the concept goes")
+    if args.method == "pattern" and args.from_llava is not None:
+        parser.error("--method pattern scores one concept text on every test sample; --from-llava gives one per sample")
+    lonely = [c for c in args.concept if args.versus and set(args.versus) <= {c}]
+    if lonely:
+        parser.error(f"--versus needs concepts other than the one located ({lonely[0]!r})")
     from llava_brain.annotations import read_captions
     from llava_brain.data.fmri import open_betas, read_split
     from llava_brain.evaluation.concepts import concept_embeddings
@@ -279,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out if args.out is not None else layout.concepts(locator.run.folder.name)
     require_writable(out, "--out folder")
     captions = read_captions(require_file(layout.coco_captions, "the COCO captions of make_coco_annotations.py"))
+    versus = (concept_embeddings(locator.text_model, locator.tokenizer, args.versus, args.template)
+              if args.versus else None)  # fmt: skip
     for subject in subjects:
         betas, path = open_betas(layout, subject, SPLIT), layout.whole_betas(subject, SPLIT)
         read_split(layout, subject, SPLIT, len(betas))
@@ -295,24 +341,42 @@ def main(argv: list[str] | None = None) -> int:
             samples = select_samples(args, layout, subject, concept, captions)
             texts = locator.concept_texts(concept, samples, layout)
             targets = concept_embeddings(locator.text_model, locator.tokenizer, texts, args.template)
+            if versus is not None:
+                targets = concepts.contrast_targets(targets, versus)
             desc = f"{subject_name(subject)} {concept}"
-            with tqdm(total=len(samples) * len(locator.runs), desc=desc, unit="map", disable=args.quiet) as bar:
-                maps, scores = locator.maps(betas, samples, path, targets, data["brain"], bar)
+            if args.method == "pattern":  # one map over every test sample; `samples` get the zeroing check
+                population = prediction_samples(sample_index(layout, subject, SPLIT), args.kind)
+                with tqdm(total=len(population) * len(locator.runs), desc=desc, unit="volume",
+                          disable=args.quiet) as bar:  # fmt: skip
+                    pattern, found = locator.pattern(betas, population, path, targets[0], data["brain"], bar)
+                by_key = dict(zip([p.key for p in population], found, strict=True))
+                maps, scores = (
+                    np.broadcast_to(pattern, (len(samples), *pattern.shape)),
+                    np.array([by_key[x.key] for x in samples]),
+                )
+            else:
+                with tqdm(total=len(samples) * len(locator.runs), desc=desc, unit="map", disable=args.quiet) as bar:
+                    maps, scores = locator.maps(betas, samples, path, targets, data["brain"], bar)
             ablation = None if args.no_ablation else locator.ablation(betas, samples, targets, maps, data["region"])
             with staged_folder(stage.output) as staging:
-                if not args.no_sample_files:
+                if not args.no_sample_files and args.method == "gradcam":
                     (staging / "maps").mkdir()
                     for s, text, score, volume in zip(samples, texts, scores, maps, strict=True):
                         info = {"sample": s.key, "nsd_id": s.nsd_id, "concept": concept, "text": text,
                                 "score": float(score)}  # fmt: skip
                         write_map(staging / "maps", s.key, volume, info, data, args.top_voxels)
-                mean_info = {"concept": concept, "samples": len(samples), "mean_score": float(scores.mean())}
-                write_map(staging, "mean", maps.mean(axis=0), mean_info, data, args.top_voxels)
+                mean_info = {"concept": concept, "method": args.method, "versus": args.versus,
+                             "samples": len(samples), "mean_score": float(scores.mean())}  # fmt: skip
+                if args.method == "pattern":
+                    mean_info["pattern_samples"] = len(population)
+                write_map(staging, "mean", pattern if args.method == "pattern" else maps.mean(axis=0), mean_info,
+                          data, args.top_voxels)  # fmt: skip
                 if ablation is not None:
                     write_json(staging / "ablation.json", {"concept": concept, "region": region_name, **ablation})
                 write_json(staging / "index.json", {
                     "subject": subject, "kind": args.kind, "concept": concept, "template": args.template,
-                    "layers": args.layers, "models": [str(r.folder) for r, _ in locator.runs],
+                    "layers": args.layers, "method": args.method, "versus": args.versus,
+                    "models": [str(r.folder) for r, _ in locator.runs],
                     "patch_sizes": [m.config.patch_size for _, m in locator.runs],
                     "samples": [{"sample": s.key, "nsd_id": s.nsd_id, "text": t, "score": float(v)}
                                 for s, t, v in zip(samples, texts, scores, strict=True)]})  # fmt: skip

@@ -282,7 +282,8 @@ def concepts_section(results: list[dict], out: Path) -> tuple[list[str], list[di
             kept.append(row)
             truth, ablation = row.get("truth") or {}, row.get("ablation") or {}
             own, rnd = truth.get("own", {}), truth.get("random", {})
-            rows.append([subject_name(row["subject"]), row["concept"], str(row["samples"]),
+            rows.append([subject_name(row["subject"]), row["concept"], row.get("method", "gradcam"),
+                         str(row["samples"]),
                          f"{_f(ablation.get('drop_located'), '+.4f')} / {_f(ablation.get('drop_random'), '+.4f')}",
                          _f(ablation.get("wilcoxon_p"), ".2g"), _f(own.get("spearman"), "+.3f"),
                          _f(truth.get("others_max", {}).get("spearman"), "+.3f"), _f(rnd.get("spearman_p95"), "+.3f"),
@@ -290,17 +291,22 @@ def concepts_section(results: list[dict], out: Path) -> tuple[list[str], list[di
                          f"{_f(own.get('top_overlap'), '.2f')} ({_f(truth.get('top_fraction'), '.2f')})"])  # fmt: skip
             montage = Path(row.get("montage", ""))
             if montage.is_file():
-                name = f"concept_{subject_name(row['subject'])}_{row['kind']}_{Path(row['folder']).name}.png"
+                folder = Path(row["folder"])  # <out>/subjXX_<kind>/<concept>: two outs may hold the same concept
+                name = (f"concept_{folder.parent.parent.name}_{subject_name(row['subject'])}_{row['kind']}_"
+                        f"{folder.name}.png")  # fmt: skip
                 (out / GRIDS).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(montage, out / GRIDS / name)
-                pictures.append((f"{subject_name(row['subject'])} {row['concept']!r}", f"{GRIDS}/{name}"))
+                title = f"{subject_name(row['subject'])} {row['concept']!r} ({row.get('method', 'gradcam')})"
+                pictures.append((title, f"{GRIDS}/{name}"))
     if not rows:
         return [], []
-    header = ["subject", "concept", "samples", "zeroing drop: located / random", "p", "truth rho", "max other",
-              "random 95%", "rank", "top overlap (chance)"]  # fmt: skip
+    header = ["subject", "concept", "method", "samples", "zeroing drop: located / random", "p", "truth rho",
+              "max other", "random 95%", "rank", "top overlap (chance)"]  # fmt: skip
     lines = ["## Concept localization", "",
-             "Grad-CAM of the ViT3D's CLIP head towards the concept's CLIP text embedding (tools/evaluate/"
-             "locate_concepts.py). Zeroing: the drop of the concept score when the map's top voxels are set to 0, "
+             "Maps of where the ViT3D's CLIP head reads the concept's CLIP text embedding (tools/evaluate/"
+             "locate_concepts.py): gradcam = the paper's Grad-CAM, pattern = the encoding pattern of the concept "
+             "score (each voxel's correlation with it over the test samples). Zeroing: the drop of the concept "
+             "score when the map's top voxels are set to 0, "
              "against as many random voxels of the same region (one-sided Wilcoxon p). Truth (mini-NSD only): "
              "Spearman's rho of the mean map with the true encoding map of the concept, the best rho among the "
              "other features' true maps, random maps' 95th percentile, the concept's rank among all features, "
