@@ -85,5 +85,5 @@ def test_caption_loss_is_lower_with_the_samples_own_fmri(tmp_path_factory):
                     batch["pixel_values"] = torch.stack([items[partner[k]]["pixel_values"].float() for k in rows])
                 total.append(float(model(**batch).loss) * len(rows))
             losses[control] = sum(total) / keep.sum()
-    # Measured (mean loss per caption token): 0.812 from the sample's own fMRI, 0.899 from another image's.
+    # Measured (mean loss per caption token): 0.818 from the sample's own fMRI, 0.923 from another image's.
     assert losses["real"] < losses["shuffled"] - 0.03, losses
