@@ -61,14 +61,14 @@ def mini_chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _train_brain_llava(chain: dict[str, Path], base: Path) -> dict[str, Path]:
-    """Brain-LLaVA's two stages on the brief captions (the demo's settings, more projector steps and fewer LLM
-    steps), and its greedy captions of the test samples from real and from shuffled fMRI.
+    """Brain-LLaVA's two stages on the brief captions (the demo's settings, with more steps: one subject's
+    records instead of four), and its greedy captions of the test samples from real and from shuffled fMRI.
 
-    Stage 1 runs 300 steps at lr 3e-2 (the demo: 50 at 3e-3). With 100 steps at 3e-3 the projector learned nothing
-    (test caption loss 0.912 from real, 0.913 from shuffled fMRI), and whether stage 2 then learned to read the
-    tokens hung on the draw of the brain: 0.820 vs 0.887 on one mini-NSD, 0.820 vs 0.826 on another with the same
-    decodability (ridge top-1 0.22 on both). With this stage 1: 0.811 vs 0.912, 0.798 vs 0.872, and 0.810 vs 0.893
-    with another training seed."""
+    Stage 1 runs 300 steps at lr 3e-2 (the demo: 50 at 3e-3), stage 2 500 steps (the demo: 400). With 100 steps
+    at 3e-3 the projector learned nothing (test caption loss 0.912 from real, 0.913 from shuffled fMRI), and
+    whether stage 2 then learned to read the tokens hung on the draw of the brain: 0.820 vs 0.887 on one
+    mini-NSD, 0.820 vs 0.826 on another with the same decodability (ridge top-1 0.22 on both). With this
+    stage 1: 0.811 vs 0.912, 0.798 vs 0.872, and 0.810 vs 0.893 with another training seed."""
     from llava_brain.train.__main__ import main as train
 
     root, tiny, layout = chain["root"], chain["tiny"], DatasetRoot(chain["root"])

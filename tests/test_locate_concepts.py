@@ -66,8 +66,9 @@ def test_the_encoding_pattern_is_one_map_whose_voxels_carry_the_concept(patterns
     volume = np.asarray(nib.load(folder / "mean.nii.gz").get_fdata())
     assert volume.max() <= 1 + 1e-6 and volume.min() >= 0
     ablation = json.loads((folder / "ablation.json").read_text())
-    named = [r["sample"] for r in json.loads((out / "subj01_avg" / "red" / "index.json").read_text())["samples"]]
-    assert ablation["samples"] == len(named) >= 10 and np.isfinite(ablation["wilcoxon_p"])
+    # The zeroing ran on exactly the samples that name the concept, one located and one random drop each.
+    assert ablation["samples"] == len(index["samples"]) >= 10 and np.isfinite(ablation["wilcoxon_p"])
+    assert len(ablation["per_sample"]["located"]) == len(ablation["per_sample"]["random"]) == ablation["samples"]
 
 
 def test_maps_lie_on_the_subjects_grid_with_its_affine_and_zero_outside_the_brain(located):
