@@ -390,8 +390,9 @@ done
 join_side
 
 step "22. concept localization: the encoding pattern and the paper's Grad-CAM of two colours, zeroing, the truth"
-echo "   (the demo's 4-subject ViT3D on subjects 1 and 2, each colour against the six; no shapes: the tiny CLIP's"
-echo "   text tower does not tell them apart; docs/concepts.md says what these figures show and why)"
+echo "   (the demo's 4-subject ViT3D on subjects 1 and 2, each colour against the six; the pattern is signed and"
+echo "   taken over each subject's train and test samples, the zeroing over test samples; no shapes: the tiny"
+echo "   CLIP's text tower does not tell them apart; docs/concepts.md says what these figures show and why)"
 for METHOD in pattern gradcam; do
   OMP_NUM_THREADS=1 python tools/evaluate/locate_concepts.py \
     --model "$DATASET_ROOT/runs/vit3d" \

@@ -25,11 +25,14 @@ def run(script: str, *argv) -> None:
     assert load_script(script).main([str(a) for a in argv]) == 0, script
 
 
+# The chain's mini-NSD (make_mini_nsd.py's defaults otherwise): its seed rebuilds the ground truth.
+CONFIG = MiniNsdConfig(subjects=(1,), num_shared=50, images_per_subject=350, trials_per_session=150,
+                       grid_scale=0.25, snr_range=(0.6, 0.9), nifti_subjects=())  # fmt: skip
+
+
 def _build(base: Path) -> dict[str, Path]:
     nsd, root, tiny, vit3d = base / "nsd", base / "root", base / "tiny", base / "vit3d"
-    config = MiniNsdConfig(subjects=(1,), num_shared=50, images_per_subject=350, trials_per_session=150,
-                           grid_scale=0.25, snr_range=(0.6, 0.9), nifti_subjects=())  # fmt: skip
-    write_mini_nsd(nsd, config, progress=False)
+    write_mini_nsd(nsd, CONFIG, progress=False)
     common = ["--nsd-root", nsd, "--dataset-root", root]
     run("prepare_datasets/make_subjmri.py", *common, "--areas", "nsdgeneral", "--quiet")
     run("prepare_datasets/make_images.py", *common, "--subject", "all", "--quiet")

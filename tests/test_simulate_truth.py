@@ -53,6 +53,25 @@ def test_low_level_map_is_early_visual_cortex(truth):
     assert truth.map("circle")[ventral].mean() > 2 * truth.map("circle")[early].mean()
 
 
+def test_the_signed_map_keeps_the_direction_of_each_voxels_response(truth):
+    """Signed: positive where the response rises with the feature, the unsigned map's magnitude, and the sign of an
+    independent read-out (the signal's correlation with the feature over random images)."""
+    rng = np.random.default_rng(5)
+    brain_mask, k = truth.anatomy.brain, SEMANTIC_FEATURES.index("blue")
+    signed, unsigned = truth.map("blue", signed=True), truth.map("blue")
+    np.testing.assert_allclose(np.abs(signed), unsigned, rtol=1e-6)
+    assert (signed < 0).any() and (signed > 0).any()
+    n = 2000
+    semantic = rng.random((n, len(SEMANTIC_FEATURES))).astype(np.float32)
+    thumbs = rng.random((n, brain.RF_GRID, brain.RF_GRID, 3)).astype(np.float32)
+    signal = brain.image_responses(truth.model, thumbs, semantic)
+    f = (semantic[:, k] - semantic[:, k].mean()) / semantic[:, k].std()
+    measured = f @ signal / n
+    strong = np.abs(signed[brain_mask]) > np.percentile(np.abs(signed[brain_mask]), 75)
+    assert (np.sign(measured[strong]) == np.sign(signed[brain_mask][strong])).mean() > 0.95
+    np.testing.assert_array_equal(truth.map(LOW_LEVEL, signed=True), truth.map(LOW_LEVEL))
+
+
 def test_maps_live_on_the_subjects_grid_and_brain(truth):
     for name in FEATURES:
         volume = truth.map(name)
@@ -79,6 +98,22 @@ def test_rebuilt_from_a_written_tree(tmp_path, truth):
     mask = nib.load(NsdTree(root).brainmask(1))
     np.testing.assert_array_equal(np.asarray(mask.dataobj) > 0, rebuilt.anatomy.brain)
     np.testing.assert_allclose(mask.affine, rebuilt.affine)
+    # The scene features, rebuilt from the seed, say what the written tree's COCO captions say (captions describe
+    # the original image, features the visible crop: a cropped-away object is in the captions only).
+    from llava_brain.nsd import CocoAnnotations, StimInfo
+    from llava_brain.simulate.truth import scene_features
+
+    features = scene_features(tree_config(root))
+    info, captions = StimInfo.load(NsdTree(root).stim_info), {}
+    for split in ("train2017", "val2017"):
+        for image_id, anns in CocoAnnotations.load(NsdTree(root).coco_annotations("captions", split),
+                                                   "captions").by_image.items():  # fmt: skip
+            captions[int(image_id)] = " ".join(a["caption"].lower() for a in anns)
+    assert len(features) == len(info.coco_id)
+    for name in ("red", "blue", "circle", "sandy"):
+        said = np.array([f" {name} " in captions[int(c)].replace(".", " ") for c in info.coco_id])
+        present = features[:, SEMANTIC_FEATURES.index(name)] > 0
+        assert said[present].all() and (present == said).mean() > 0.9 and present.any(), name
     # the anatomy and model streams do not depend on the tree's other settings or subjects
     np.testing.assert_array_equal(rebuilt.map("red"), truth.map("red"))
     with pytest.raises(FileNotFoundError, match=r"run\.json: missing"):

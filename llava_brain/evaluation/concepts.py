@@ -23,16 +23,21 @@ where a decoder takes its evidence from, which is not where the brain encodes th
 weights voxels that only cancel noise). The pattern asks the encoding question of the decoder's output: over a
 subject's samples x_i, the Pearson correlation of each voxel's beta x_i[v] with the concept score s(x_i),
 
-    pattern[v] = |corr_i(x_i[v], s(x_i))|
+    pattern[v] = corr_i(x_i[v], s(x_i))
 
-one map per subject and concept, on the subject's own grid (no patches, no upsampling). `contrast_targets`
+one signed map per subject and concept, on the subject's own grid (no patches, no upsampling): positive where
+the voxel's response rises with the score, negative where it falls. The sign matters: a score that rises with
+"red" and falls with "blue" (related concepts share a CLIP text space) gives red's voxels one sign and blue's
+the other, where |corr| would paint both alike. `contrast_targets`
 turns the target into t_c - mean(t_versus): the score then rises with the concept *more than* with a
 vocabulary of related concepts (the class-discriminative score of Grad-CAM's softmax), which removes what all
 concepts share (e.g. "some coloured object is there").
 
-Ablation (`ablation_drops`): the top k voxels of a sample's map inside a region are set to 0 (the betas are
-z-scored, so 0 is the voxel's mean response) and the ViT3D is run again; the drop of the concept score is
-compared, sample by sample, with zeroing as many random voxels of the same region.
+Maps are ranked by magnitude (the top voxels, the ROI shares, the zeroed voxels, the ensemble's scaling), which
+for Grad-CAM's non-negative maps is their value. Ablation (`ablation_drops`): the top k voxels of a sample's map
+inside a region are set to 0 (the betas are z-scored, so 0 is the voxel's mean response) and the ViT3D is run
+again; the drop of the concept score is compared, sample by sample, with zeroing as many random voxels of the
+same region.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def contrast_targets(targets: torch.Tensor, versus: torch.Tensor) -> torch.Tenso
 
 
 class EncodingPattern:
-    """Running sums for `pattern[v] = |corr_i(x_i[v], s_i)|` over batches of samples (module docstring), so the
+    """Running sums for `pattern[v] = corr_i(x_i[v], s_i)` over batches of samples (module docstring), so the
     full-scale test set (1000 volumes x 700k voxels) never has to be in memory at once."""
 
     def __init__(self):
@@ -119,7 +124,7 @@ class EncodingPattern:
         self.ss, self.sss = self.ss + float(s.sum()), self.sss + float((s * s).sum())
 
     def result(self) -> np.ndarray:
-        """(*grid) float32 |Pearson r|; 0 where a voxel or the score does not vary. Needs at least 3 samples."""
+        """(*grid) float32 signed Pearson r; 0 where a voxel or the score does not vary. Needs at least 3 samples."""
         if self.n < 3:
             raise ValueError(f"an encoding pattern needs at least 3 samples, got {self.n}")
         cov = self.sxs / self.n - (self.sx / self.n) * (self.ss / self.n)
@@ -127,7 +132,7 @@ class EncodingPattern:
         var_s = max(self.sss / self.n - (self.ss / self.n) ** 2, 0.0)
         denom = np.sqrt(var_x * var_s)
         r = np.divide(cov, denom, out=np.zeros_like(denom), where=denom > 1e-12)
-        return np.abs(r).astype(np.float32)
+        return r.astype(np.float32)
 
 
 def mentions(texts: Sequence[str], concept: str) -> bool:
@@ -214,21 +219,22 @@ def to_subject_grid(volumes: torch.Tensor, brain: np.ndarray) -> np.ndarray:
 
 
 def scaled(maps: np.ndarray) -> np.ndarray:
-    """Each (X, Y, Z) map of a (n, X, Y, Z) stack divided by its maximum (all-zero maps stay 0)."""
-    peak = maps.reshape(len(maps), -1).max(axis=1)
+    """Each (X, Y, Z) map of a (n, X, Y, Z) stack divided by its largest magnitude (all-zero maps stay 0)."""
+    peak = np.abs(maps.reshape(len(maps), -1)).max(axis=1)
     return (maps / np.where(peak > 0, peak, 1.0)[:, None, None, None]).astype(np.float32)
 
 
 def ensemble_maps(per_model: Sequence[np.ndarray]) -> np.ndarray:
-    """The mean of several models' (n, X, Y, Z) maps of the same samples, each sample's map scaled to max 1."""
+    """The mean of several models' (n, X, Y, Z) maps of the same samples, each sample's map scaled to max |.| 1."""
     return np.mean([scaled(m) for m in per_model], axis=0).astype(np.float32)
 
 
 def top_voxels(volume: np.ndarray, affine: np.ndarray, count: int) -> list[dict]:
-    """The `count` highest voxels of a map (value > 0): voxel index (i, j, k), scanner mm and value, best first."""
+    """The `count` voxels of a map with the largest magnitude (value != 0): voxel index (i, j, k), scanner mm and
+    the (signed) value, strongest first."""
     flat = volume.ravel()
-    order = np.argsort(-flat, kind="stable")[:count]
-    order = order[flat[order] > 0]
+    order = np.argsort(-np.abs(flat), kind="stable")[:count]
+    order = order[flat[order] != 0]
     ijk = np.stack(np.unravel_index(order, volume.shape), axis=1)
     mm = (affine[:3, :3] @ ijk.T + affine[:3, 3:4]).T
     return [{"voxel": [int(v) for v in index], "mm": [round(float(v), 2) for v in xyz], "value": float(flat[o])}
@@ -236,7 +242,9 @@ def top_voxels(volume: np.ndarray, affine: np.ndarray, count: int) -> list[dict]
 
 
 def roi_shares(volume: np.ndarray, rois: dict[str, np.ndarray]) -> dict[str, float]:
-    """Share of the map's total (sum over the brain) inside each ROI mask; "other" = outside all of them."""
+    """Share of the map's total magnitude (sum of |value| over the brain) inside each ROI mask; "other" = outside
+    all of them."""
+    volume = np.abs(volume)
     total = float(volume.sum())
     if total <= 0:
         return {**{name: 0.0 for name in rois}, "other": 0.0}
@@ -249,9 +257,9 @@ def roi_shares(volume: np.ndarray, rois: dict[str, np.ndarray]) -> dict[str, flo
 
 
 def top_mask(volume: np.ndarray, region: np.ndarray, count: int) -> np.ndarray:
-    """bool mask of the `count` highest voxels of `volume` inside `region` (ties broken by voxel order)."""
+    """bool mask of the `count` voxels of largest |volume| inside `region` (ties broken by voxel order)."""
     inside = np.flatnonzero(region.ravel())
-    chosen = inside[np.argsort(-volume.ravel()[inside], kind="stable")[:count]]
+    chosen = inside[np.argsort(-np.abs(volume.ravel()[inside]), kind="stable")[:count]]
     mask = np.zeros(volume.size, dtype=bool)
     mask[chosen] = True
     return mask.reshape(volume.shape)

@@ -106,6 +106,13 @@ class _Design:
     num_images: int
 
 
+def tree_scenes(cfg: MiniNsdConfig) -> list[scenes.Scene]:
+    """Every scene of the tree, in nsdId order (0-based), as `write_mini_nsd` draws them from the seed."""
+    scene_rng = _rng(cfg.seed, 2)
+    num_images = cfg.num_shared + (cfg.images_per_subject - cfg.num_shared) * len(cfg.subjects)
+    return [scenes.sample_scene(scene_rng) for _ in range(num_images)]
+
+
 def _make_design(cfg: MiniNsdConfig) -> _Design:
     rng = _rng(cfg.seed, 1)
     unique = cfg.images_per_subject - cfg.num_shared
@@ -150,8 +157,7 @@ def write_mini_nsd(
 def _write_tree(tree: NsdTree, cfg: MiniNsdConfig, progress: bool) -> dict:
     start = time.perf_counter()
     design = _make_design(cfg)
-    scene_rng = _rng(cfg.seed, 2)
-    all_scenes = [scenes.sample_scene(scene_rng) for _ in range(design.num_images)]
+    all_scenes = tree_scenes(cfg)
     stimuli = np.stack([scenes.render_stimulus(s) for s in tqdm(all_scenes, "render scenes", disable=not progress)])
     thumbs = scenes.thumbnails(stimuli, brain.RF_GRID)
     semantic = np.stack([scenes.semantic_features(s) for s in all_scenes])

@@ -12,7 +12,8 @@
 # current. Time not measured (no GPU was available): two more ViT3D trainings (~8 h each on one A100 in the
 # paper's setting), then minutes per concept; disk: at most 2.8 MB per NIfTI map (81 x 104 x 83 float32 before gzip).
 #
-# METHOD=pattern maps the concept score's encoding pattern instead of Grad-CAM (docs/concepts.md).
+# METHOD=pattern maps the concept score's signed encoding pattern instead of Grad-CAM (docs/concepts.md), over
+# each subject's train and test samples (on NSD ~10,000 images: the training betas are read once per concept).
 # On mini-NSD (CPU, minutes; docs/concepts.md gives what it measured), the concept models trained on subject 1
 # alone, with the demo's tiny configuration:
 #   DATASET_ROOT=demo_out/root NSD_ROOT=demo_out/mini_nsd CLIP_TEXT=demo_out/tiny_models/clip_text \

@@ -5,12 +5,16 @@ Reads locate_concepts.py's output (<concepts>/subjXX_<kind>/<concept>/mean.nii.g
 with --nsd-root, the mini-NSD tree the dataset root was prepared from (its run.json seed rebuilds every
 subject's response model, llava_brain/simulate/truth.py). For each map whose concept is a mini-NSD feature
 (a shape, a colour, a background, count, size), over the voxels of --region (default nsdgeneral, what the
-ViT3D reads):
+ViT3D reads), against the signed true maps for a signed map (the encoding pattern) and the unsigned ones for a
+non-negative map (Grad-CAM; llava_brain/simulate/truth.py):
   own        Spearman's rho between the located map and the true map of its feature, and the overlap of
              their top --top-fraction voxels (chance = the fraction);
   others     the same against the true maps of the 18 other features (mean and maximum), and the rank of
              the own feature among all 19 (1 = the located map matches its own feature best);
-  random     the located map's values permuted over the region (mean rho and its 95th percentile).
+  random     the located map's values permuted over the region (mean rho and its 95th percentile);
+  tracks     for a pattern (its scores over all samples are in index.json): the concept score's correlation
+             with each feature of the images, which says what the map can show (a "red" score that also
+             follows "square" gives a map that is partly square's).
 Prints one row per map and writes --json (default <root>/runs/eval/concepts_<name>.json) for make_report.py.
 Real NSD has no ground truth: without --nsd-root the rows carry the zeroing check only.
 
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llava_brain.data.fmri import area_mask
     from llava_brain.evaluation.concepts import truth_agreement
-    from llava_brain.simulate.truth import FEATURES, subject_truth, tree_config
+    from llava_brain.simulate.truth import FEATURES, scene_features, score_tracking, subject_truth, tree_config
 
     layout = DatasetRoot(args.dataset_root)
     config = None
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError:
             raise BadInputError(args.nsd_root / "run.json", "missing; only a tree written by make_mini_nsd.py "
                                 "has a ground truth") from None  # fmt: skip
-    rows, truths = [], {}
+    rows, truths, features = [], {}, None
     for folder in concept_folders(args.concepts):
         index = read_json(require_file(folder / "index.json", "locate_concepts.py's index.json"))
         subject, concept = int(index["subject"]), str(index["concept"])
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             ablation.pop("per_sample", None)
         row = {"subject": subject, "kind": index["kind"], "concept": concept, "folder": str(folder),
                "method": index.get("method", "gradcam"), "versus": index.get("versus", []),
+               "signed": bool(index.get("signed", False)),
                "samples": len(index["samples"]), "patch_sizes": index.get("patch_sizes"), "truth": None,
                "ablation": ablation, "montage": str(folder / "mean.png")}  # fmt: skip
         rows.append(row)
@@ -98,22 +103,29 @@ def main(argv: list[str] | None = None) -> int:
             print(text + ("" if config is None else f" | not a mini-NSD feature ({', '.join(FEATURES)})"))
             continue
         if subject not in truths:
-            truth = subject_truth(config, subject)
-            truths[subject] = {f: truth.map(f) for f in FEATURES}
+            truths[subject] = subject_truth(config, subject)
+        truth = {f: truths[subject].map(f, signed=row["signed"]) for f in FEATURES}
         located = np.asarray(nib.load(folder / "mean.nii.gz").get_fdata(), dtype=np.float32)
         region = area_mask(layout, subject, args.region)
         if located.shape != region.shape:
             raise BadInputError(folder / "mean.nii.gz", f"has shape {located.shape}; subject {subject}'s grid is "
                                 f"{region.shape}")  # fmt: skip
         score = row["truth"] = truth_agreement(
-            located, truths[subject], feature, region, top_fraction=args.top_fraction, permutations=args.permutations
+            located, truth, feature, region, top_fraction=args.top_fraction, permutations=args.permutations
         )
+        tracks = ""
+        if index.get("pattern_scores"):
+            features = scene_features(config) if features is None else features
+            scored = index["pattern_scores"]
+            row["score_tracks"] = score_tracking([x["nsd_id"] for x in scored], [x["score"] for x in scored], features)
+            strongest = sorted(row["score_tracks"].items(), key=lambda kv: -abs(kv[1]))[:3]
+            tracks = "; the score tracks " + ", ".join(f"{name} {r:+.2f}" for name, r in strongest)
         own, rnd = score["own"], score["random"]
         print(
             f"{text} | truth rho own {own['spearman']:+.3f}, other features mean "
             f"{score['others_mean']['spearman']:+.3f} max {score['others_max']['spearman']:+.3f}, random "
             f"{rnd['spearman']:+.3f} (95% {rnd['spearman_p95']:+.3f}), rank {score['rank']}/{len(FEATURES)}, "
-            f"top-{args.top_fraction:.0%} overlap {own['top_overlap']:.2f} (chance {args.top_fraction:.2f})"
+            f"top-{args.top_fraction:.0%} overlap {own['top_overlap']:.2f} (chance {args.top_fraction:.2f}){tracks}"
         )
     out = args.json or layout.eval_dir / f"concepts_{args.concepts.name}.json"
     write_json(out, {"evaluation": "concepts", "concepts": str(args.concepts), "region": args.region,

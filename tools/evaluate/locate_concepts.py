@@ -10,9 +10,11 @@ its brain mask (llava_brain/evaluation/concepts.py). --ensemble adds ViT3Ds of o
 sample's maps are scaled to a maximum of 1 and averaged. --from-llava asks a Brain-LLaVA, per sample,
 `Locating the concept of "<concept>"` and locates its answer instead of the concept itself.
 
---method pattern replaces Grad-CAM by the concept's encoding pattern (Haufe et al., 2014): over all the
-subject's test samples of --kind, the correlation of each voxel's beta with the concept score, one map per
-subject and concept on the subject's own grid (no per-sample maps; docs/concepts.md says why it exists).
+--method pattern replaces Grad-CAM by the concept's encoding pattern (Haufe et al., 2014): over the subject's
+samples of --kind (--pattern-samples: train and test, the default, or test only), the signed correlation of each
+voxel's beta with the concept score, one map per subject and concept on the subject's own grid (no per-sample
+maps; docs/concepts.md says why it exists). The pattern describes the model, so its training samples count too;
+the zeroing check runs on test samples only.
 --versus makes the score contrastive: the target becomes t_concept - mean(t_versus), so the map shows what
 sets the concept apart from a vocabulary of related ones (for either method).
 
@@ -98,7 +100,10 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     # Method
     p.add_argument("--method", choices=["gradcam", "pattern"], default="gradcam",
                    help="gradcam = the paper's Grad-CAM per sample (default); pattern = the concept score's "
-                   "encoding pattern over all test samples of --kind")  # fmt: skip
+                   "signed encoding pattern over the samples of --kind (--pattern-samples)")  # fmt: skip
+    p.add_argument("--pattern-samples", choices=["all", "test"], default="all",
+                   help="the samples --method pattern correlates over: all = the subject's train and test samples "
+                   "(default; 5x the test set on mini-NSD, less noise), test = test samples only")  # fmt: skip
     p.add_argument("--versus", nargs="+", default=[],
                    help="a vocabulary the concept is contrasted with: the target becomes t_concept - mean(t_versus) "
                    "(e.g. red green blue yellow; default none)")  # fmt: skip
@@ -221,9 +226,10 @@ class Locator:
             scores = np.concatenate(found) if k == 0 else scores
         return concepts.ensemble_maps(per_model), scores
 
-    def pattern(self, betas, samples, path: Path, target, brain: np.ndarray, bar) -> tuple[np.ndarray, np.ndarray]:
-        """(the encoding pattern (*brain.shape) of each model, scaled to max 1 and averaged, 0 outside `brain`;
-        scores (n,) of the scored model) over `samples`, one (D,) target for all."""
+    def pattern(self, sources, target, brain: np.ndarray, bar) -> tuple[np.ndarray, np.ndarray]:
+        """(the signed encoding pattern (*brain.shape) of each model, scaled to max |.| 1 and averaged, 0 outside
+        `brain`; scores (n,) of the scored model, in source order) over the samples of `sources`, a list of
+        (betas, betas path, samples) of one split each, one (D,) target for all."""
         import torch
 
         from llava_brain.evaluation.encoders import prepared_volumes
@@ -231,13 +237,15 @@ class Locator:
         per_model, scores = [], None
         for k, (_, model) in enumerate(self.runs):
             grid, pattern, found = tuple(model.config.grid), concepts.EncodingPattern(), []
-            for start in range(0, len(samples), self.args.batch_size):
-                batch = samples[start : start + self.args.batch_size]
-                volumes = torch.from_numpy(prepared_volumes(betas, grid, batch, path)).to(self.device, torch.float32)
-                with torch.no_grad():
-                    found.append(concepts.concept_scores(model, volumes, target).cpu().numpy())
-                pattern.add(subject_volumes(betas, batch), found[-1])
-                bar.update(len(batch))
+            for betas, path, samples in sources:
+                for start in range(0, len(samples), self.args.batch_size):
+                    batch = samples[start : start + self.args.batch_size]
+                    volumes = prepared_volumes(betas, grid, batch, path)
+                    with torch.no_grad():
+                        tensor = torch.from_numpy(volumes).to(self.device, torch.float32)
+                        found.append(concepts.concept_scores(model, tensor, target).cpu().numpy())
+                    pattern.add(subject_volumes(betas, batch), found[-1])
+                    bar.update(len(batch))
             per_model.append(np.where(brain, pattern.result(), 0.0)[None])
             scores = np.concatenate(found) if k == 0 else scores
         return concepts.ensemble_maps(per_model)[0], scores
@@ -285,12 +293,26 @@ def select_samples(args, layout: DatasetRoot, subject: int, concept: str, captio
     return samples[: args.max_samples] if args.max_samples else samples
 
 
+def pattern_sources(args, layout: DatasetRoot, subject: int, test: tuple) -> list[tuple]:
+    """(betas, betas path, samples of --kind) of each split --pattern-samples names; `test` = the open test betas."""
+    from llava_brain.data.fmri import open_betas, read_split
+
+    splits = [(*test, SPLIT)]
+    if args.pattern_samples == "all":
+        train = open_betas(layout, subject, "tr")
+        read_split(layout, subject, "tr", len(train))
+        splits.append((train, layout.whole_betas(subject, "tr"), "tr"))
+    return [(betas, path, prediction_samples(sample_index(layout, subject, split), args.kind))
+            for betas, path, split in splits]  # fmt: skip
+
+
 def settings_of(args, locator: Locator, subject: int, concept: str) -> dict:
     return {"model": str(locator.run.folder.resolve()), "ensemble": [str(Path(e).resolve()) for e in args.ensemble],
             "clip_text": str(args.clip_text), "from_llava": str(args.from_llava) if args.from_llava else None,
             "subject": subject, "kind": args.kind, "concept": concept, "samples": args.samples,
             "nsd_ids": args.nsd_ids, "max_samples": args.max_samples, "template": args.template,
             "layers": args.layers, "method": args.method, "versus": args.versus,
+            "pattern_samples": args.pattern_samples if args.method == "pattern" else None,
             "region": args.region or locator.run.area, "top_voxels": args.top_voxels,
             "ablation": None if args.no_ablation else [args.ablate_fraction, args.ablate_repeats, args.seed],
             "sample_files": not args.no_sample_files}  # fmt: skip
@@ -333,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
             stage = StageRun(out / f"{subject_name(subject)}_{args.kind}" / slug(concept),
                              settings=settings_of(args, locator, subject, concept),
                              inputs={**locator.run.files, "betas_te": path, "fmri2image": layout.fmri2image(subject),
-                                     "masks": layout.whole_masks(subject), "captions": layout.coco_captions},
+                                     "masks": layout.whole_masks(subject), "captions": layout.coco_captions,
+                                     **({"betas_tr": layout.whole_betas(subject, "tr")} if args.method == "pattern"
+                                        and args.pattern_samples == "all" else {})},
                              folder=True)  # fmt: skip
             if not stage.needed(args.overwrite, (stage.output / "mean.nii.gz").is_file()):
                 print(f"{subject_name(subject)} {args.kind} {concept!r}: current, kept -> {stage.output}")
@@ -345,10 +369,11 @@ def main(argv: list[str] | None = None) -> int:
                 targets = concepts.contrast_targets(targets, versus)
             desc = f"{subject_name(subject)} {concept}"
             if args.method == "pattern":  # one map over every test sample; `samples` get the zeroing check
-                population = prediction_samples(sample_index(layout, subject, SPLIT), args.kind)
+                sources = pattern_sources(args, layout, subject, (betas, path))
+                population = [s for _, _, split_samples in sources for s in split_samples]
                 with tqdm(total=len(population) * len(locator.runs), desc=desc, unit="volume",
                           disable=args.quiet) as bar:  # fmt: skip
-                    pattern, found = locator.pattern(betas, population, path, targets[0], data["brain"], bar)
+                    pattern, found = locator.pattern(sources, targets[0], data["brain"], bar)
                 by_key = dict(zip([p.key for p in population], found, strict=True))
                 maps, scores = (
                     np.broadcast_to(pattern, (len(samples), *pattern.shape)),
@@ -376,10 +401,12 @@ def main(argv: list[str] | None = None) -> int:
                 write_json(staging / "index.json", {
                     "subject": subject, "kind": args.kind, "concept": concept, "template": args.template,
                     "layers": args.layers, "method": args.method, "versus": args.versus,
-                    "models": [str(r.folder) for r, _ in locator.runs],
+                    "signed": args.method == "pattern", "models": [str(r.folder) for r, _ in locator.runs],
                     "patch_sizes": [m.config.patch_size for _, m in locator.runs],
                     "samples": [{"sample": s.key, "nsd_id": s.nsd_id, "text": t, "score": float(v)}
-                                for s, t, v in zip(samples, texts, scores, strict=True)]})  # fmt: skip
+                                for s, t, v in zip(samples, texts, scores, strict=True)],
+                    **({"pattern_scores": [{"sample": p.key, "nsd_id": p.nsd_id, "score": float(by_key[p.key])}
+                                           for p in population]} if args.method == "pattern" else {})})  # fmt: skip
                 stage.finish(args, into=staging, dataset_root=layout.root)
             note = "" if ablation is None else (
                 f"; zeroing the top {args.ablate_fraction:.0%} of {region_name}: score drop "

@@ -305,10 +305,12 @@ def concepts_section(results: list[dict], out: Path) -> tuple[list[str], list[di
     lines = ["## Concept localization", "",
              "Maps of where the ViT3D's CLIP head reads the concept's CLIP text embedding (tools/evaluate/"
              "locate_concepts.py): gradcam = the paper's Grad-CAM, pattern = the encoding pattern of the concept "
-             "score (each voxel's correlation with it over the test samples). Zeroing: the drop of the concept "
-             "score when the map's top voxels are set to 0, "
-             "against as many random voxels of the same region (one-sided Wilcoxon p). Truth (mini-NSD only): "
-             "Spearman's rho of the mean map with the true encoding map of the concept, the best rho among the "
+             "score (each voxel's signed correlation with it over the subject's samples; montages: warm where the "
+             "response rises with the score, cold where it falls). Zeroing: the drop of the concept score when "
+             "the map's top voxels are set to 0, against as many random voxels of the same region (one-sided "
+             "Wilcoxon p). Truth (mini-NSD only): "
+             "Spearman's rho of the mean map with the true encoding map of the concept (signed for a signed "
+             "map), the best rho among the "
              "other features' true maps, random maps' 95th percentile, the concept's rank among all features, "
              "and the top-voxel overlap with its chance level.", "", _markdown(header, rows)]  # fmt: skip
     for title, path in pictures:
