@@ -46,8 +46,6 @@ Tiny (demo root, CPU, seconds):
 from __future__ import annotations
 
 import argparse
-import gzip
-import re
 import sys
 from pathlib import Path
 
@@ -56,9 +54,9 @@ from tqdm import tqdm
 
 from llava_brain import cli, runtime
 from llava_brain.errors import BadInputError, exits_on_bad_input, require_file
-from llava_brain.evaluation import concepts
+from llava_brain.evaluation import concept_files, concepts
 from llava_brain.evaluation.predictions import KINDS, prediction_samples
-from llava_brain.io import StageRun, require_writable, staged_folder, write_bytes, write_json
+from llava_brain.io import StageRun, require_writable, staged_folder, write_json
 from llava_brain.layout import DatasetRoot, subject_name
 from llava_brain.subjects import sample_index
 
@@ -139,28 +137,6 @@ def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     cli.add_overwrite(p, "redo concept folders that exist, even ones made with other settings")
     cli.add_quiet(p)
     return p
-
-
-def slug(concept: str) -> str:
-    """A folder name for a concept: lower case, runs of other characters as '_'."""
-    return re.sub(r"[^a-z0-9]+", "_", concept.lower()).strip("_") or "concept"
-
-
-def write_map(folder: Path, name: str, volume: np.ndarray, info: dict, subject_data: dict, top: int) -> None:
-    """<name>.nii.gz, <name>.png and <name>.json of one map on the subject's grid."""
-    import nibabel as nib
-
-    from llava_brain.evaluation.concepts import roi_shares, top_voxels
-    from llava_brain.evaluation.montage import montage
-
-    affine = subject_data["affine"]
-    image = nib.Nifti1Image(volume.astype(np.float32), affine)
-    image.header.set_xyzt_units("mm")
-    write_bytes(folder / f"{name}.nii.gz", gzip.compress(image.to_bytes(), compresslevel=6, mtime=0))
-    picture = montage(subject_data["mean"], volume, subject_data["brain"])
-    picture.save(folder / f"{name}.png")
-    write_json(folder / f"{name}.json", {**info, "top_voxels": top_voxels(volume, affine, top),
-                                         "roi_share": roi_shares(volume, subject_data["rois"])})  # fmt: skip
 
 
 class Locator:
@@ -244,7 +220,7 @@ class Locator:
                     with torch.no_grad():
                         tensor = torch.from_numpy(volumes).to(self.device, torch.float32)
                         found.append(concepts.concept_scores(model, tensor, target).cpu().numpy())
-                    pattern.add(subject_volumes(betas, batch), found[-1])
+                    pattern.add(concept_files.subject_volumes(betas, batch), found[-1])
                     bar.update(len(batch))
             per_model.append(np.where(brain, pattern.result(), 0.0)[None])
             scores = np.concatenate(found) if k == 0 else scores
@@ -257,7 +233,7 @@ class Locator:
         from llava_brain.model.processor import resize_volumes
 
         grid = tuple(self.model.config.grid)
-        volumes = subject_volumes(betas, samples)
+        volumes = concept_files.subject_volumes(betas, samples)
 
         def score(batch: np.ndarray, i: int) -> np.ndarray:
             resized = torch.from_numpy(resize_volumes(batch, grid)).to(self.device)
@@ -266,11 +242,6 @@ class Locator:
 
         return concepts.ablation_drops(score, volumes, maps, region, fraction=self.args.ablate_fraction,
                                        repeats=self.args.ablate_repeats, seed=self.args.seed)  # fmt: skip
-
-
-def subject_volumes(betas, samples) -> np.ndarray:
-    """(n, X, Y, Z) float32 on the subject's grid: each sample's rows averaged."""
-    return np.stack([np.asarray(betas[list(s.rows)], dtype=np.float32).mean(axis=0) for s in samples])
 
 
 def select_samples(args, layout: DatasetRoot, subject: int, concept: str, captions: dict) -> list:
@@ -352,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         read_split(layout, subject, SPLIT, len(betas))
         data = concepts.subject_data(layout, subject, region_name)
         for concept in args.concept:
-            stage = StageRun(out / f"{subject_name(subject)}_{args.kind}" / slug(concept),
+            stage = StageRun(out / f"{subject_name(subject)}_{args.kind}" / concept_files.slug(concept),
                              settings=settings_of(args, locator, subject, concept),
                              inputs={**locator.run.files, "betas_te": path, "fmri2image": layout.fmri2image(subject),
                                      "masks": layout.whole_masks(subject), "captions": layout.coco_captions,
@@ -389,13 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                     for s, text, score, volume in zip(samples, texts, scores, maps, strict=True):
                         info = {"sample": s.key, "nsd_id": s.nsd_id, "concept": concept, "text": text,
                                 "score": float(score)}  # fmt: skip
-                        write_map(staging / "maps", s.key, volume, info, data, args.top_voxels)
+                        concept_files.write_map(staging / "maps", s.key, volume, info, data, args.top_voxels)
                 mean_info = {"concept": concept, "method": args.method, "versus": args.versus,
                              "samples": len(samples), "mean_score": float(scores.mean())}  # fmt: skip
                 if args.method == "pattern":
                     mean_info["pattern_samples"] = len(population)
-                write_map(staging, "mean", pattern if args.method == "pattern" else maps.mean(axis=0), mean_info,
-                          data, args.top_voxels)  # fmt: skip
+                mean_map = pattern if args.method == "pattern" else maps.mean(axis=0)
+                concept_files.write_map(staging, "mean", mean_map, mean_info, data, args.top_voxels)
                 if ablation is not None:
                     write_json(staging / "ablation.json", {"concept": concept, "region": region_name, **ablation})
                 write_json(staging / "index.json", {
