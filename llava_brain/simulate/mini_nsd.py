@@ -46,6 +46,11 @@ class MiniNsdConfig:
     val_fraction: float = 0.15  # share of non-shared images that come from COCO val2017
 
     @property
+    def num_images(self) -> int:
+        """Images in the tree: the shared ones plus each subject's own."""
+        return self.num_shared + (self.images_per_subject - self.num_shared) * len(self.subjects)
+
+    @property
     def design_sessions(self) -> int:
         return MAX_REPEATS * self.images_per_subject // self.trials_per_session
 
@@ -109,14 +114,12 @@ class _Design:
 def tree_scenes(cfg: MiniNsdConfig) -> list[scenes.Scene]:
     """Every scene of the tree, in nsdId order (0-based), as `write_mini_nsd` draws them from the seed."""
     scene_rng = _rng(cfg.seed, 2)
-    num_images = cfg.num_shared + (cfg.images_per_subject - cfg.num_shared) * len(cfg.subjects)
-    return [scenes.sample_scene(scene_rng) for _ in range(num_images)]
+    return [scenes.sample_scene(scene_rng) for _ in range(cfg.num_images)]
 
 
 def _make_design(cfg: MiniNsdConfig) -> _Design:
     rng = _rng(cfg.seed, 1)
-    unique = cfg.images_per_subject - cfg.num_shared
-    num_images = cfg.num_shared + unique * len(cfg.subjects)
+    unique, num_images = cfg.images_per_subject - cfg.num_shared, cfg.num_images
     # nsdIds are scattered: shared images are not 0..K-1, so index mix-ups show up in tests.
     order = rng.permutation(num_images)
     shared = order[: cfg.num_shared]

@@ -322,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         betas, path = open_betas(layout, subject, SPLIT), layout.whole_betas(subject, SPLIT)
         read_split(layout, subject, SPLIT, len(betas))
         data = concepts.subject_data(layout, subject, region_name)
+        sources = pattern_sources(args, layout, subject, (betas, path)) if args.method == "pattern" else []
         for concept in args.concept:
             stage = StageRun(out / f"{subject_name(subject)}_{args.kind}" / concept_files.slug(concept),
                              settings=settings_of(args, locator, subject, concept),
@@ -340,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
                 targets = concepts.contrast_targets(targets, versus)
             desc = f"{subject_name(subject)} {concept}"
             if args.method == "pattern":  # one map over every test sample; `samples` get the zeroing check
-                sources = pattern_sources(args, layout, subject, (betas, path))
                 population = [s for _, _, split_samples in sources for s in split_samples]
                 with tqdm(total=len(population) * len(locator.runs), desc=desc, unit="volume",
                           disable=args.quiet) as bar:  # fmt: skip
