@@ -24,7 +24,7 @@ Full scale (paper: one A100-80GB, ~8 h; writes /data/brain/runs/vit3d):
       --num-layers 16 --patch-size 14 --vae --precision bf16 --device cuda
 Tiny (mini-NSD demo root, CPU, about two minutes; see docs/vit3d.md for the top-1 it reaches):
   python pretrain_vit3d.py --dataset-root demo_out/root --out demo_out/runs/vit3d --num-layers 2 \\
-      --hidden-size 128 --num-heads 8 --head-hidden 256 --patch-size 6 --epochs 16 --batch-size 16 --lr 1e-3 \\
+      --hidden-size 128 --num-heads 8 --head-hidden 256 --patch-size 6 --vae --epochs 10 --batch-size 32 --lr 2e-3 \\
       --warmup-steps 50 --num-workers 0 --precision fp32 --device cpu
 """
 

@@ -165,9 +165,9 @@ python pretrain_vit3d.py \
   --head-hidden 256 \
   --patch-size 6 \
   --vae \
-  --epochs 6 \
-  --batch-size 16 \
-  --lr 1e-3 \
+  --epochs 10 \
+  --batch-size 32 \
+  --lr 2e-3 \
   --warmup-steps 50 \
   --num-workers 0 \
   --precision fp32 \
