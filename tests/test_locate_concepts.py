@@ -19,7 +19,7 @@ from llava_brain.simulate.truth import SEMANTIC_FEATURES
 from llava_brain.subjects import sample_index
 
 from conftest import load_script
-from mini_chain import CONFIG, brain_llava, mini_chain
+from mini_chain import CONCEPT_CONFIG, brain_llava, concept_chain, mini_chain
 from stage_checks import error_line, hidden_leftovers
 
 locate = load_script("tools/evaluate/locate_concepts.py")
@@ -43,22 +43,20 @@ def located(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def patterns(tmp_path_factory):
-    chain = mini_chain(tmp_path_factory)
+    chain = concept_chain(tmp_path_factory)
     out = tmp_path_factory.mktemp("concepts") / "patterns"
     assert locate.main(_argv(chain, out, "--concept", "red", "blue", *PATTERN)) == 0
     return chain, out
 
 
 def test_the_encoding_pattern_is_one_map_whose_voxels_carry_the_concept(patterns):
-    """--method pattern on the chain's ViT3D: one signed map per concept over all the subject's train and test
-    samples (no per-sample maps), scaled to [-1, 1], with the zeroing check run on the test samples that name the
-    concept.
+    """--method pattern on the concept chain's ViT3D: one signed map per concept over all the subject's train and
+    test samples (no per-sample maps), scaled to [-1, 1], with the zeroing check run on the test samples that name
+    the concept, and for "blue" the zeroing criterion: its top 10 % lower the score more than as many random voxels.
 
-    Whether zeroing the pattern's top voxels removes a colour on this 1-subject chain hangs on the colour and the
-    draw: with the signed pattern over train and test samples, "green" dropped 0.107 vs 0.003 for random voxels
-    (Wilcoxon p 8e-05), "red" -0.016 vs 0.005 (p 0.9) and "blue" -0.021 vs -0.004 (p 0.65); the unsigned test-only
-    pattern of an 8-epoch ViT3D gave "red" 0.053 vs 0.003 (p 0.012). So the zeroing criterion is asserted on the
-    paper's Grad-CAM (per-sample maps, below), and the pattern's agreement with the truth in the next test."""
+    Measured with this chain (one torch thread): "blue" 0.167 vs -0.022 for random voxels over 24 samples (Wilcoxon
+    p 7e-05), "red" 0.118 vs 0.029 over 16 (p 0.065, not asserted). On the main chain (a weaker ViT3D) the pattern's
+    zeroing hung on the colour ("green" p 8e-05, "red" 0.9, "blue" 0.65); Grad-CAM's is asserted there (below)."""
     chain, out = patterns
     folder = out / "subj01_avg" / "red"
     index = json.loads((folder / "index.json").read_text())
@@ -74,39 +72,40 @@ def test_the_encoding_pattern_is_one_map_whose_voxels_carry_the_concept(patterns
     # The zeroing ran on exactly the samples that name the concept, one located and one random drop each.
     assert ablation["samples"] == len(index["samples"]) >= 10 and np.isfinite(ablation["wilcoxon_p"])
     assert len(ablation["per_sample"]["located"]) == len(ablation["per_sample"]["random"]) == ablation["samples"]
+    blue = json.loads((out / "subj01_avg" / "blue" / "ablation.json").read_text())
+    assert blue["drop_located"] > blue["drop_random"] + 0.05 and blue["wilcoxon_p"] < 0.01
 
 
-def test_the_pattern_of_blue_agrees_with_blues_true_map_better_than_with_any_other_feature(patterns, tmp_path):
-    """The ground-truth criterion, end to end: eval_concepts.py scores the chain's "blue" pattern against the
+@pytest.mark.parametrize("concept", ["blue", "red"])  # the demo's two concepts
+def test_a_colours_pattern_agrees_with_its_true_map_better_than_with_any_other_features(patterns, concept, tmp_path):
+    """The ground-truth criterion, end to end: eval_concepts.py scores the concept chain's patterns against the
     simulator's signed true maps of all 19 features (the chain's tree is rebuilt from its config's seed, given as
-    make_mini_nsd.py's run.json). Measured with this chain: rho 0.443 with blue's own map, 0.322 with the best
-    other feature (sky-blue), random maps' 95th percentile 0.045, top-10 % overlap 0.34 (chance 0.10), under one
-    torch thread (make test).
-
-    Only "blue": the chain's tiny CLIP (400 steps on one subject's 350 images) does not learn the other colours'
-    words well enough (red ranks 16th of 19 here; docs/concepts.md has the demo's figures for both)."""
+    make_mini_nsd.py's run.json). Measured with this chain under one torch thread (make test), Spearman's rho
+    with the own true map against the best other feature's: "blue" +0.753 against +0.381 (circle), random maps' 95th
+    percentile +0.048, top-10 % overlap 0.70 (chance 0.10), the score tracks blue +0.84; "red" +0.575 against +0.272
+    (square), +0.060, overlap 0.26, red +0.66. The overlap is asserted at 1.5x chance: red's is the thinner margin."""
     chain, out = patterns
     nsd_root = tmp_path / "nsd"
     nsd_root.mkdir()
-    arguments = {"subject": list(CONFIG.subjects), "sessions": CONFIG.sessions, "seed": CONFIG.seed,
-                 "num_shared": CONFIG.num_shared, "images_per_subject": CONFIG.images_per_subject,
-                 "trials_per_session": CONFIG.trials_per_session, "grid_scale": CONFIG.grid_scale,
-                 "nifti_subjects": list(CONFIG.nifti_subjects), "snr": list(CONFIG.snr_range)}  # fmt: skip
+    config = CONCEPT_CONFIG
+    arguments = {"subject": list(config.subjects), "sessions": config.sessions, "seed": config.seed,
+                 "num_shared": config.num_shared, "images_per_subject": config.images_per_subject,
+                 "trials_per_session": config.trials_per_session, "grid_scale": config.grid_scale,
+                 "nifti_subjects": list(config.nifti_subjects), "snr": list(config.snr_range)}  # fmt: skip
     (nsd_root / "run.json").write_text(json.dumps({"arguments": arguments}))
     result = tmp_path / "concepts.json"
     assert evaluate.main(["--concepts", str(out), "--dataset-root", str(chain["root"]), "--nsd-root", str(nsd_root),
                           "--json", str(result), "--permutations", "50", "--quiet"]) == 0  # fmt: skip
     rows = {row["concept"]: row for row in json.loads(result.read_text())["rows"]}
     assert set(rows) == {"red", "blue"} and all(row["signed"] and row["truth"] for row in rows.values())
-    blue = rows["blue"]["truth"]
-    assert blue["rank"] == 1
-    assert blue["own"]["spearman"] > blue["others_max"]["spearman"] + 0.05
-    assert blue["own"]["spearman"] > blue["random"]["spearman_p95"] + 0.2
-    assert blue["own"]["top_overlap"] > 2 * blue["top_fraction"]
-    # What the score follows, over the pattern's train and test samples: on this chain the "blue" score follows
-    # sky-blue backgrounds (r 0.64) more than blue objects (0.26), a weakness of the chain's tiny CLIP.
-    tracks = rows["blue"]["score_tracks"]
-    assert set(tracks) == set(SEMANTIC_FEATURES) and tracks["sky-blue"] > 0.4 and tracks["blue"] > 0.1
+    truth = rows[concept]["truth"]
+    assert truth["rank"] == 1
+    assert truth["own"]["spearman"] > truth["others_max"]["spearman"] + 0.1
+    assert truth["own"]["spearman"] > truth["random"]["spearman_p95"] + 0.3
+    assert truth["own"]["top_overlap"] > 1.5 * truth["top_fraction"]
+    # What the score follows, over the pattern's train and test samples: its own colour first.
+    tracks = rows[concept]["score_tracks"]
+    assert set(tracks) == set(SEMANTIC_FEATURES) and max(tracks, key=tracks.get) == concept
 
 
 def test_maps_lie_on_the_subjects_grid_with_its_affine_and_zero_outside_the_brain(located):
