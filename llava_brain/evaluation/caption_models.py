@@ -70,10 +70,6 @@ def sentence_similarity(text_embeds: np.ndarray, reference_embeds: Sequence[np.n
 # Where the models are ------------------------------------------------------------------------------------
 
 
-def _is_hub_id(name: str) -> bool:
-    return not Path(name).exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
-
-
 def _cached(name: str, filename: str) -> bool:
     """Is `filename` of hub repo `name` in the local Hugging Face cache (no network)?"""
     from huggingface_hub import try_to_load_from_cache
@@ -83,9 +79,11 @@ def _cached(name: str, filename: str) -> bool:
 
 def clip_model_problem(name: str, what: str) -> str | None:
     """Why `name` (a folder or hub id) cannot be loaded offline as `what`, and how to get it; None if it can."""
+    from llava_brain.image_stage.models import is_hub_id  # here: the image stages import torch
+
     if Path(name).is_dir():
         return None
-    if _is_hub_id(name):
+    if is_hub_id(name):
         if _cached(name, "config.json"):
             return None
         return (f"{what} {name!r} is not in the local Hugging Face cache and nothing is downloaded at run time: "

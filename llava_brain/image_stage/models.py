@@ -14,7 +14,7 @@ from llava_brain.io import read_json
 
 def is_hub_id(name: str) -> bool:
     """An "owner/name" that is not a local path: from_pretrained resolves it on the hub (or its cache)."""
-    return not Path(name).exists() and not name.startswith((".", "/")) and name.count("/") == 1
+    return not Path(name).exists() and not name.startswith((".", "/", "~")) and name.count("/") == 1
 
 
 def check_model_folder(path: str, model_types: Sequence[str], what: str, subfolder: str | None = None) -> None:
