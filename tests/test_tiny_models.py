@@ -14,6 +14,7 @@ from llava_brain import tiny
 from llava_brain.layout import NsdTree
 from llava_brain.simulate import MiniNsdConfig, write_mini_nsd
 from llava_brain.simulate.scenes import SHAPES
+from llava_brain.tiny.inputs import clip_split, plan_inputs, read_captions, read_stimuli
 
 from conftest import SMALL, load_script
 
@@ -327,9 +328,9 @@ def test_clip_learns_to_match_held_out_images_and_captions(script, tree, built, 
     assert report["image_to_text_top1"] + report["text_to_image_top1"] >= 8 * report["chance"], report
     assert np.isfinite(report["final_loss"]) and 1.0 < report["logit_scale"] <= 100.0
     # The saved folders hold the trained towers: they reproduce the manifest's scores.
-    _, heldout, captions = script._clip_split(tree, script._read_captions(tree), 10_000)
+    _, heldout, captions = clip_split(tree, read_captions(tree), 10_000)
     processor = CLIPImageProcessor.from_pretrained(built / "clip_vision")
-    pixel_values = tiny.clip_pixel_values(script._read_stimuli(tree, heldout, 32), processor)
+    pixel_values = tiny.clip_pixel_values(read_stimuli(tree, heldout, 32), processor)
     scores = tiny.clip_retrieval(
         CLIPVisionModelWithProjection.from_pretrained(built / "clip_vision").eval(),
         CLIPTextModelWithProjection.from_pretrained(built / "clip_text").eval(),
@@ -354,7 +355,8 @@ def test_llm_is_a_language_model_of_the_held_out_texts(script, tree, built, mani
         assert untrained > 0.5 * manifest["models"]["llm"]["vocab_size"], report
         assert trained < 0.5 * untrained and trained < 0.5 * report["unigram_perplexity"][kind], report
     # Held out: every test (shared1000) image's text, none of the training images'.
-    plan = script.plan_inputs(tree, script.build_parser().parse_args(_args(tree, built)))
+    args = script.build_parser().parse_args(_args(tree, built))
+    plan = plan_inputs(tree, args.vae_images, args.clip_images, args.llm_images)
     from llava_brain.nsd import StimInfo
 
     shared = StimInfo.load(tree.stim_info).shared1000

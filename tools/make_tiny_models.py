@@ -46,15 +46,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
-
-import numpy as np
 
 from llava_brain import cli, runtime
 from llava_brain.errors import BadInputError, exits_on_bad_input
 from llava_brain.instructions import TEMPLATE_MODEL
 from llava_brain.io import StageRun, manifest_of, read_json, recover_staged, require_writable, staged_folder, write_json
 from llava_brain.layout import NsdTree
+from llava_brain.tiny.inputs import Plan, plan_inputs, read_stimuli, tree_inputs
 
 log = logging.getLogger("make_tiny_models")
 MANIFEST = "tiny_models.json"
@@ -62,9 +60,6 @@ MANIFEST = "tiny_models.json"
 # 2: trained CLIP towers; 3: the shared warm-up + cosine schedule, run.json via StageRun; 4: pretrained LLM;
 # 5: trained unCLIP UNet
 FORMAT_VERSION = 5
-COCO_SPLITS = ("train2017", "val2017")
-HELDOUT_IMAGES = 64  # shared1000 images whose reconstructions the VAE is scored on
-CLIP_HELDOUT_IMAGES = 1000  # shared1000 images CLIP retrieval is scored on: all of them (mini-NSD: 100)
 PROJECTION_DIM = 32  # CLIP image/text embedding size (ViT-L/14: 768)
 
 
@@ -147,138 +142,6 @@ def _settings(args) -> dict:
     }
 
 
-def _inputs(tree: NsdTree) -> dict:
-    """The files the build reads (a caption or instances file of a split the tree lacks counts as missing):
-    the NSD tree's, and the prompt lists whose wording the LLM's conversations use."""
-    from llava_brain.instructions.prompts import DETAIL_QUESTIONS_FILE, PROMPTS_DIR
-    from llava_brain.sft import BUILT_TYPES, INSTRUCTIONS_DIR
-
-    return {
-        "stimuli": tree.stimuli,
-        "stim_info": tree.stim_info,
-        "captions": [tree.coco_annotations("captions", split) for split in COCO_SPLITS],
-        "instances": [tree.coco_annotations("instances", split) for split in COCO_SPLITS],
-        "instructions": [
-            *(INSTRUCTIONS_DIR / f"{name}.txt" for name in BUILT_TYPES),
-            PROMPTS_DIR / DETAIL_QUESTIONS_FILE,
-        ],
-    }
-
-
-def _read_captions(tree: NsdTree) -> dict[int, list[str]]:
-    """COCO image id -> its captions, in file order, from every caption file of COCO_SPLITS present."""
-    from llava_brain.nsd import CocoAnnotations
-
-    paths = [tree.coco_annotations("captions", split) for split in COCO_SPLITS]
-    present = [p for p in paths if p.is_file()]
-    if not present:
-        raise BadInputError(paths[0], "missing; expected COCO caption annotations (captions_{train,val}2017.json)")
-    captions: dict[int, list[str]] = {}
-    for path in present:
-        for image_id, anns in CocoAnnotations.load(path, "captions").by_image.items():
-            captions.setdefault(int(image_id), []).extend(ann["caption"] for ann in anns)
-    return captions
-
-
-def _read_instances(tree: NsdTree) -> dict:
-    """COCO split -> its instances file (`CocoAnnotations`), for every split of COCO_SPLITS present (>= 1)."""
-    from llava_brain.nsd import CocoAnnotations
-
-    paths = {split: tree.coco_annotations("instances", split) for split in COCO_SPLITS}
-    found = {split: CocoAnnotations.load(path, "instances") for split, path in paths.items() if path.is_file()}
-    if not found:
-        raise BadInputError(paths[COCO_SPLITS[0]], "missing; expected COCO instances")
-    return found
-
-
-def _categories(instances: dict) -> list[str]:
-    """Names of COCO category ids 1..max of the first instances file; ids COCO skips (real COCO: 12, 26, ...)
-    are "N/A" as in DETR."""
-    first = next(iter(instances.values()))
-    categories = first.categories
-    if not categories or min(categories) < 1:
-        raise BadInputError(first.path, f"expected categories with ids 1, 2, ...; found ids {sorted(categories)}")
-    return [categories.get(i, "N/A") for i in range(1, max(categories) + 1)]
-
-
-def _read_stimuli(tree: NsdTree, nsd_ids, size: int) -> np.ndarray:
-    """(n, size, size, 3) uint8, each stimulus resized with PIL's antialiasing bicubic filter."""
-    from PIL import Image
-
-    from llava_brain.nsd import NsdStimuli
-
-    with NsdStimuli(tree.stimuli) as stimuli:
-        return np.stack(
-            [np.asarray(Image.fromarray(stimuli[i]).resize((size, size), Image.Resampling.BICUBIC)) for i in nsd_ids]
-        )
-
-
-def _spread(ids: np.ndarray, n: int) -> np.ndarray:
-    """At most n of `ids`, evenly spaced (all of them when there are no more than n)."""
-    return ids if ids.size <= n else ids[np.linspace(0, ids.size - 1, n).round().astype(int)]
-
-
-def _vae_split(tree: NsdTree, max_train: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train nsdIds, held-out nsdIds): held out are shared1000 images, the test images of every later stage."""
-    from llava_brain.nsd import StimInfo
-
-    info = StimInfo.load(tree.stim_info)
-    shared, others = np.flatnonzero(info.shared1000), np.flatnonzero(~info.shared1000)
-    if shared.size < 2 or others.size < 1:
-        raise BadInputError(tree.stim_info, "expected >= 2 shared1000 images and >= 1 other image to train the VAE")
-    return _spread(others, max_train), _spread(shared, HELDOUT_IMAGES)
-
-
-def _clip_split(tree: NsdTree, captions: dict[int, list[str]], max_train: int):
-    """(train nsdIds, held-out nsdIds, captions of each nsdId): as `_vae_split`, among images with captions."""
-    from llava_brain.nsd import StimInfo
-
-    info = StimInfo.load(tree.stim_info)
-    by_nsd_id = {i: captions.get(int(coco_id), []) for i, coco_id in enumerate(info.coco_id)}
-    captioned = np.array([bool(by_nsd_id[i]) for i in range(len(info.coco_id))], dtype=bool)
-    shared = np.flatnonzero(info.shared1000 & captioned)
-    others = np.flatnonzero(~info.shared1000 & captioned)
-    if shared.size < 2 or others.size < 2:
-        raise BadInputError(
-            tree.stim_info, "expected >= 2 shared1000 and >= 2 other images with COCO captions to train CLIP"
-        )
-    return _spread(others, max_train), _spread(shared, CLIP_HELDOUT_IMAGES), by_nsd_id
-
-
-class Plan(NamedTuple):
-    """Everything read from the NSD tree before any model is built (so bad input fails before the work)."""
-
-    categories: list[str]  # names of COCO category ids 1..N
-    vae_train: np.ndarray  # nsdIds
-    vae_heldout: np.ndarray
-    clip_train: np.ndarray
-    clip_heldout: np.ndarray
-    captions_by_nsd_id: dict[int, list[str]]
-    llm_train: list  # ImageContext of each LLM training image (non-shared1000 nsdIds with captions)
-    llm_heldout: list  # ImageContext of each shared1000 image with captions (the test images)
-
-
-def plan_inputs(tree: NsdTree, args) -> Plan:
-    """Read captions, instances and the stimulus design (the LLM's image contexts); check the stimulus brick
-    holds every image needed."""
-    from llava_brain import tiny
-    from llava_brain.nsd import NsdStimuli, StimInfo
-
-    captions = _read_captions(tree)
-    instances = _read_instances(tree)
-    vae_train, vae_heldout = _vae_split(tree, args.vae_images)
-    clip_train, clip_heldout, by_nsd_id = _clip_split(tree, captions, args.clip_images)
-    # The LLM's text is split as CLIP's images: the same shared1000 images held out (all of them).
-    llm_train, llm_heldout, _ = _clip_split(tree, captions, args.llm_images)
-    info = StimInfo.load(tree.stim_info)
-    contexts = [tiny.tree_contexts(info, ids, by_nsd_id, instances) for ids in (llm_train, llm_heldout)]
-    last = int(np.concatenate([vae_train, vae_heldout, clip_train, clip_heldout]).max())
-    with NsdStimuli(tree.stimuli) as stimuli:
-        stimuli.require_images(last, tree.stim_info)
-    return Plan(_categories(instances), vae_train, vae_heldout, clip_train, clip_heldout, by_nsd_id,
-                *contexts)  # fmt: skip
-
-
 def _describe(model, **extra) -> dict:
     from llava_brain.tiny import num_parameters
 
@@ -291,8 +154,8 @@ def _build_vae(tree: NsdTree, args, plan: Plan, staging: Path, timings: dict) ->
     from llava_brain import tiny
 
     started = time.perf_counter()
-    train = tiny.images_to_tensor(_read_stimuli(tree, plan.vae_train, args.image_size))
-    heldout = tiny.images_to_tensor(_read_stimuli(tree, plan.vae_heldout, args.image_size))
+    train = tiny.images_to_tensor(read_stimuli(tree, plan.vae_train, args.image_size))
+    heldout = tiny.images_to_tensor(read_stimuli(tree, plan.vae_heldout, args.image_size))
     timings["vae_read"] = round(time.perf_counter() - started, 1)
     vae = tiny.build_vae(image_size=args.image_size, seed=args.seed)
     report = {"train_images": len(plan.vae_train), "heldout_images": len(plan.vae_heldout), "steps": args.vae_steps}
@@ -312,8 +175,8 @@ def _train_clip(tree: NsdTree, args, plan: Plan, vision, processor, text, tokeni
 
     size = vision.config.image_size
     started = time.perf_counter()
-    train = tiny.clip_pixel_values(_read_stimuli(tree, plan.clip_train, size), processor)
-    heldout = tiny.clip_pixel_values(_read_stimuli(tree, plan.clip_heldout, size), processor)
+    train = tiny.clip_pixel_values(read_stimuli(tree, plan.clip_train, size), processor)
+    heldout = tiny.clip_pixel_values(read_stimuli(tree, plan.clip_heldout, size), processor)
     timings["clip_read"] = round(time.perf_counter() - started, 1)
     report = {"train_images": len(plan.clip_train), "heldout_images": len(plan.clip_heldout), "image_size": size,
               "steps": args.clip_steps}  # fmt: skip
@@ -364,7 +227,7 @@ def _train_unet(tree: NsdTree, args, plan: Plan, pipe, clip_vision, clip_process
     with torch.no_grad():
         latents = torch.cat([pipe.vae.encode(c).latent_dist.mean for c in images.split(64)])
         latents = latents * pipe.vae.config.scaling_factor
-        pixels = tiny.clip_pixel_values(_read_stimuli(tree, plan.vae_train, clip_vision.config.image_size),
+        pixels = tiny.clip_pixel_values(read_stimuli(tree, plan.vae_train, clip_vision.config.image_size),
                                         clip_processor)  # fmt: skip
         embeds = torch.cat([clip_vision(pixel_values=c).image_embeds for c in pixels.split(256)])
     captions = [plan.captions_by_nsd_id.get(int(i)) or [""] for i in plan.vae_train]
@@ -374,7 +237,7 @@ def _train_unet(tree: NsdTree, args, plan: Plan, pipe, clip_vision, clip_process
     timings["unet_train"] = round(trained.pop("seconds"), 1)
     report.update({k: round(v, 4) for k, v in trained.items()})
     check = tiny.unclip_check(pipe, clip_vision, clip_processor,
-                              _read_stimuli(tree, plan.vae_heldout, args.image_size), seed=args.seed)  # fmt: skip
+                              read_stimuli(tree, plan.vae_heldout, args.image_size), seed=args.seed)  # fmt: skip
     report.update({k: round(v, 4) for k, v in check.items()})
     return report
 
@@ -488,14 +351,14 @@ def main(argv: list[str] | None = None) -> int:
     recover_staged(out)  # a kill left a half-built staging folder, or cut a swap between its two renames
     _require_ours(out, args.overwrite)
     tree = NsdTree(args.nsd_root)
-    run = StageRun(out, settings=_settings(args), inputs=_inputs(tree), folder=True)
+    run = StageRun(out, settings=_settings(args), inputs=tree_inputs(tree), folder=True)
     if not run.needed(args.overwrite, complete=(out / MANIFEST).is_file()):
         log.info("tiny models already complete at %s (same settings and inputs); nothing to do", out)
         manifest = read_json(out / MANIFEST, "the tiny models manifest")
         _log_scores(manifest["clip_training"], manifest["vae_training"], manifest["llm_training"], {})
         _log_unclip(manifest["unclip_training"], {})
         return 0
-    plan = plan_inputs(tree, args)
+    plan = plan_inputs(tree, args.vae_images, args.clip_images, args.llm_images)
     if args.quiet:
         from transformers.utils import logging as hf_logging
 

@@ -12,6 +12,8 @@ models") says which stage uses which. The package, by concern:
   contrastively on image-caption pairs, the VAE on stimuli, the Llama on captions and chat-formatted instruction
   conversations, Stable unCLIP's UNet as a latent diffusion model conditioned on the CLIP image embeddings);
   all others keep their random weights;
+- `inputs`: what they are trained on, read from the raw NSD tree before anything is built (captions,
+  instances, resized stimuli, the train / held-out splits: `plan_inputs`; imported from its module);
 - `metrics`: their held-out scores (CLIP retrieval, the VAE's reconstruction PixCorr; `pixcorr` is
   `llava_brain.evaluation.image_metrics.pixcorr`, re-exported); the LLM's perplexity is in `llm_training`.
 
