@@ -14,12 +14,13 @@
 #
 # METHOD=pattern maps the concept score's signed encoding pattern instead of Grad-CAM (docs/concepts.md), over
 # each subject's train and test samples (on NSD ~10,000 images: the training betas are read once per concept).
-# On mini-NSD (CPU, minutes; docs/concepts.md gives what it measured), the concept models trained on subject 1
-# alone, with the demo's tiny configuration:
+# On mini-NSD after `make demo` (CPU: 131 s on 2 cores, 41 s for a second METHOD that reuses the two models;
+# docs/concepts.md gives what it measured), the concept models trained on subject 1 alone, with the demo's tiny
+# configuration (OUT apart per METHOD):
 #   DATASET_ROOT=demo_out/root NSD_ROOT=demo_out/mini_nsd CLIP_TEXT=demo_out/tiny_models/clip_text \
-#   MAIN=demo_out/root/runs/vit3d \
-#   TRAIN_SUBJECTS=1 SUBJECTS=1 CONCEPTS="red circle" PATCHES="5 4" NUM_LAYERS=2 HIDDEN_SIZE=128 NUM_HEADS=8 \
-#   HEAD_HIDDEN=256 EPOCHS=8 BATCH_SIZE=16 LR=1e-3 DEVICE=cpu PRECISION=fp32 bash scripts/nsd/70_concepts.sh
+#   MAIN=demo_out/root/runs/vit3d OUT=demo_out/root/runs/concepts/ensemble_gradcam \
+#   TRAIN_SUBJECTS=1 SUBJECTS=1 CONCEPTS="blue red" PATCHES="5 4" NUM_LAYERS=2 HIDDEN_SIZE=128 NUM_HEADS=8 \
+#   HEAD_HIDDEN=256 EPOCHS=10 BATCH_SIZE=32 LR=2e-3 DEVICE=cpu PRECISION=fp32 bash scripts/nsd/70_concepts.sh
 set -euo pipefail
 
 DATASET_ROOT=${DATASET_ROOT:-/data/brain}
