@@ -30,18 +30,26 @@ CONFIG = MiniNsdConfig(subjects=(1,), num_shared=50, images_per_subject=350, tri
                        grid_scale=0.25, snr_range=(0.6, 0.9), nifti_subjects=())  # fmt: skip
 
 
-def _build(base: Path) -> dict[str, Path]:
+def _prepare(base: Path, config: MiniNsdConfig, steps: dict[str, int], vae: bool) -> dict[str, Path]:
+    """mini-NSD of `config`, the prepared root, the tiny models trained `steps` ({"clip": n, ...}) and the
+    ViT3D's targets: the tiny CLIP's embeddings, and with `vae` the tiny unCLIP VAE's 64-pixel latents."""
     nsd, root, tiny, vit3d = base / "nsd", base / "root", base / "tiny", base / "vit3d"
-    write_mini_nsd(nsd, CONFIG, progress=False)
+    write_mini_nsd(nsd, config, progress=False)
     common = ["--nsd-root", nsd, "--dataset-root", root]
     run("prepare_datasets/make_subjmri.py", *common, "--areas", "nsdgeneral", "--quiet")
     run("prepare_datasets/make_images.py", *common, "--subject", "all", "--quiet")
     run("prepare_datasets/make_coco_annotations.py", *common, "--subject", "all")
-    run("tools/make_tiny_models.py", "--out", tiny, "--nsd-root", nsd, "--clip-steps", "400", "--vae-steps", "150",
-        "--llm-steps", "200", "--unet-steps", "150", "--quiet")  # fmt: skip
+    run("tools/make_tiny_models.py", "--out", tiny, "--nsd-root", nsd, "--quiet",
+        *(f for name, n in steps.items() for f in (f"--{name}-steps", n)))  # fmt: skip
     run("prepare_datasets/generate_clip_embeds.py", "--dataset-root", root, "--subject", "all", "--clip-model",
-        tiny / "clip_vision", "--vae-model", tiny / "unclip", "--vae-size", "64", "--device", "cpu",
-        "--quiet")  # fmt: skip
+        tiny / "clip_vision", *(["--vae-model", tiny / "unclip", "--vae-size", "64"] if vae else ["--no-vae"]),
+        "--device", "cpu", "--quiet")  # fmt: skip
+    return {"base": base, "nsd": nsd, "root": root, "tiny": tiny, "vit3d": vit3d}
+
+
+def _build(base: Path) -> dict[str, Path]:
+    chain = _prepare(base, CONFIG, {"clip": 400, "vae": 150, "llm": 200, "unet": 150}, vae=True)
+    root, vit3d = chain["root"], chain["vit3d"]
     run("prepare_datasets/generate_sft_data.py", "--dataset-root", root, "--subject", "all", "--types", BRIEF,
         "--caption-sources", "coco", "--instance-source", "coco", "--per-sample")  # fmt: skip
     # 12 epochs (~1.3 s each here): after 8, the VAE head's test predictions were shrunk (sd 0.54 against the
@@ -53,7 +61,7 @@ def _build(base: Path) -> dict[str, Path]:
     predictions = DatasetRoot(root).predictions("vit3d")
     run("tools/evaluate/fmri2embeds.py", "--encoder", "vit3d", "--model", vit3d, "--dataset-root", root,
         "--kinds", "avg", "--out", predictions, "--device", "cpu", "--quiet")  # fmt: skip
-    return {"base": base, "nsd": nsd, "root": root, "tiny": tiny, "vit3d": vit3d, "predictions": predictions}
+    return {**chain, "predictions": predictions}
 
 
 def mini_chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -72,20 +80,11 @@ CONCEPT_CONFIG = MiniNsdConfig(subjects=(1,), num_shared=50, images_per_subject=
 
 
 def _build_concepts(base: Path) -> dict[str, Path]:
-    nsd, root, tiny, vit3d = base / "nsd", base / "root", base / "tiny", base / "vit3d"
-    write_mini_nsd(nsd, CONCEPT_CONFIG, progress=False)
-    common = ["--nsd-root", nsd, "--dataset-root", root]
-    run("prepare_datasets/make_subjmri.py", *common, "--areas", "nsdgeneral", "--quiet")
-    run("prepare_datasets/make_images.py", *common, "--subject", "all", "--quiet")
-    run("prepare_datasets/make_coco_annotations.py", *common, "--subject", "all")
-    run("tools/make_tiny_models.py", "--out", tiny, "--nsd-root", nsd, "--clip-steps", "1000", "--vae-steps", "1",
-        "--llm-steps", "1", "--unet-steps", "1", "--quiet")  # fmt: skip
-    run("prepare_datasets/generate_clip_embeds.py", "--dataset-root", root, "--subject", "all", "--clip-model",
-        tiny / "clip_vision", "--no-vae", "--device", "cpu", "--quiet")  # fmt: skip
-    run("pretrain_vit3d.py", "--dataset-root", root, "--out", vit3d, "--subject", "1", *TINY, "--no-vae",
-        "--epochs", "24", "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "20", "--num-workers", "0",
-        "--device", "cpu", "--precision", "fp32", "--seed", "0")  # fmt: skip
-    return {"base": base, "nsd": nsd, "root": root, "tiny": tiny, "vit3d": vit3d}
+    chain = _prepare(base, CONCEPT_CONFIG, {"clip": 1000, "vae": 1, "llm": 1, "unet": 1}, vae=False)
+    run("pretrain_vit3d.py", "--dataset-root", chain["root"], "--out", chain["vit3d"], "--subject", "1", *TINY,
+        "--no-vae", "--epochs", "24", "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "20",
+        "--num-workers", "0", "--device", "cpu", "--precision", "fp32", "--seed", "0")  # fmt: skip
+    return chain
 
 
 def concept_chain(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
