@@ -22,6 +22,7 @@ from llava_brain.image_stage import (
     add_selection_arguments,
     batch_seed,
     check_model_folder,
+    is_hub_id,
     iterate_batches,
     parts_folder,
     plan_batches,
@@ -234,6 +235,23 @@ def test_model_folder_class_is_checked(tmp_path):
     with pytest.raises(BadInputError, match="missing"):
         check_model_folder(str(tmp_path / "nothing"), ("detr",), "a DETR model")
     check_model_folder("facebook/detr-resnet-101", ("detr",), "a DETR model")  # hub ids are not checked
+    # A missing local path is refused, not taken for a hub id: "~" is not expanded by from_pretrained.
+    with pytest.raises(BadInputError, match="missing"):
+        check_model_folder("~/detr", ("detr",), "a DETR model")
+
+
+@pytest.mark.parametrize("name", ["facebook/detr-resnet-101", "openai/clip-vit-large-patch14"])
+def test_owner_slash_name_is_a_hub_id(name):
+    assert is_hub_id(name)
+
+
+@pytest.mark.parametrize("name", ["~/detr", "./models/detr", "/models/detr", "models/a/detr", "detr"])
+def test_paths_are_not_hub_ids(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert not is_hub_id(name)
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").mkdir()
+    assert not is_hub_id("owner/name")  # an existing local folder wins over the hub
 
 
 def test_sharding_is_disjoint_and_complete_and_skips_done_batches():

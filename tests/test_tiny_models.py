@@ -14,7 +14,7 @@ from llava_brain import tiny
 from llava_brain.layout import NsdTree
 from llava_brain.simulate import MiniNsdConfig, write_mini_nsd
 from llava_brain.simulate.scenes import SHAPES
-from llava_brain.tiny.inputs import clip_split, plan_inputs, read_captions, read_stimuli
+from llava_brain.tiny.inputs import clip_split, coco_captions, plan_inputs, read_stimuli
 
 from conftest import SMALL, load_script
 
@@ -328,7 +328,7 @@ def test_clip_learns_to_match_held_out_images_and_captions(script, tree, built, 
     assert report["image_to_text_top1"] + report["text_to_image_top1"] >= 8 * report["chance"], report
     assert np.isfinite(report["final_loss"]) and 1.0 < report["logit_scale"] <= 100.0
     # The saved folders hold the trained towers: they reproduce the manifest's scores.
-    _, heldout, captions = clip_split(tree, read_captions(tree), 10_000)
+    _, heldout, captions = clip_split(tree, coco_captions(tree), 10_000)
     processor = CLIPImageProcessor.from_pretrained(built / "clip_vision")
     pixel_values = tiny.clip_pixel_values(read_stimuli(tree, heldout, 32), processor)
     scores = tiny.clip_retrieval(

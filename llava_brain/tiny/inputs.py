@@ -37,7 +37,7 @@ def tree_inputs(tree: NsdTree) -> dict:
     }
 
 
-def read_captions(tree: NsdTree) -> dict[int, list[str]]:
+def coco_captions(tree: NsdTree) -> dict[int, list[str]]:
     """COCO image id -> its captions, in file order, from every caption file of COCO_SPLITS present."""
     from llava_brain.nsd import CocoAnnotations
 
@@ -136,7 +136,7 @@ def plan_inputs(tree: NsdTree, vae_images: int, clip_images: int, llm_images: in
     from llava_brain.nsd import NsdStimuli, StimInfo
     from llava_brain.tiny.llm_training import tree_contexts
 
-    captions = read_captions(tree)
+    captions = coco_captions(tree)
     instances = read_instances(tree)
     vae_train, vae_heldout = vae_split(tree, vae_images)
     clip_train, clip_heldout, by_nsd_id = clip_split(tree, captions, clip_images)
